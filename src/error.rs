@@ -1,0 +1,66 @@
+//! The engine's one error type. Each variant maps to one Python exception class
+//! (see `python/errors.rs`), and every message names the key, tensor, argument or limit at fault.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no such file: {}", .0.display())]
+    FileNotFound(PathBuf),
+
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file is not a well-formed GGUF file (truncated, corrupt, over a limit).
+    #[error("invalid GGUF file: {0}")]
+    InvalidGguf(String),
+
+    /// A well-formed GGUF file that is not a model phi3 can run.
+    #[error("unsupported model: {0}")]
+    UnsupportedModel(String),
+
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template error: {0}")]
+    ChatTemplate(String),
+
+    #[error("the prompt has {prompt_tokens} tokens but the context holds {context_length}")]
+    ContextOverflow {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
+
+    /// A caller's argument out of its domain; the message starts with the argument's name.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("download failed: {0}")]
+    Hub(String),
+
+    #[error("model computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl Error {
+    pub fn invalid_gguf(msg: impl Into<String>) -> Self {
+        Self::InvalidGguf(msg.into())
+    }
+
+    pub fn unsupported(msg: impl Into<String>) -> Self {
+        Self::UnsupportedModel(msg.into())
+    }
+
+    pub fn invalid_argument(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+}

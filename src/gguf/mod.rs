@@ -1,0 +1,9 @@
+//! GGUF files: a hardened reader over a memory map, typed metadata, and the names of every key
+//! and tensor phi3 uses.
+
+pub mod metadata;
+pub mod names;
+pub mod reader;
+
+pub use metadata::{Metadata, Value};
+pub use reader::{parse, GgufFile, GgufHeader, TensorInfo};

@@ -1,0 +1,10 @@
+//! phi3: Microsoft's Phi family of language models from GGUF files, on the CPU.
+//!
+//! The modules follow the pipeline: a GGUF file is read (`gguf`), its vocabulary becomes a
+//! tokenizer (`tokenizer`), its tensors a model (`model`), whose logits are sampled (`sampling`)
+//! in the generation loop (`generate`). `hub` fetches files; `python` is the PyO3 binding.
+
+pub mod error;
+pub mod gguf;
+
+pub use error::{Error, Result};
