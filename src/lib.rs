@@ -6,5 +6,9 @@
 
 pub mod error;
 pub mod gguf;
+pub mod model;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod test_support;

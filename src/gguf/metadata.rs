@@ -145,7 +145,8 @@ impl Metadata {
 
     pub fn f64(&self, key: &str) -> Result<f64> {
         let v = self.require(key)?;
-        v.as_f64().ok_or_else(|| Self::wrong_type(key, "a number", v))
+        v.as_f64()
+            .ok_or_else(|| Self::wrong_type(key, "a number", v))
     }
 
     pub fn optional_f64(&self, key: &str) -> Result<Option<f64>> {
@@ -157,7 +158,8 @@ impl Metadata {
 
     pub fn str(&self, key: &str) -> Result<&str> {
         let v = self.require(key)?;
-        v.as_str().ok_or_else(|| Self::wrong_type(key, "a string", v))
+        v.as_str()
+            .ok_or_else(|| Self::wrong_type(key, "a string", v))
     }
 
     pub fn optional_str(&self, key: &str) -> Result<Option<&str>> {

@@ -173,7 +173,9 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
         let value_type = r.u32(&format!("type of '{key}'"))?;
         let value = r.value(value_type, &key, 0)?;
         if entries.insert(key.clone(), value).is_some() {
-            return Err(Error::invalid_gguf(format!("metadata key '{key}' appears twice")));
+            return Err(Error::invalid_gguf(format!(
+                "metadata key '{key}' appears twice"
+            )));
         }
     }
     let metadata = Metadata::new(entries);
@@ -195,7 +197,9 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
     for i in 0..tensor_count {
         let name = r.string(&format!("name of tensor #{i}"))?;
         if names.insert(name.clone(), ()).is_some() {
-            return Err(Error::invalid_gguf(format!("tensor '{name}' appears twice")));
+            return Err(Error::invalid_gguf(format!(
+                "tensor '{name}' appears twice"
+            )));
         }
         let n_dims = r.u32(&format!("dimension count of tensor '{name}'"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {

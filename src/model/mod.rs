@@ -1,0 +1,11 @@
+//! The Phi-3 family's forward pass: hyper-parameters, weights, RoPE, KV cache.
+
+pub mod config;
+pub mod kv_cache;
+pub mod phi3;
+pub mod rope;
+pub mod weights;
+
+pub use config::Config;
+pub use kv_cache::KvCache;
+pub use phi3::Phi3Model;

@@ -1,0 +1,94 @@
+//! Turns a GGUF file's tensors into candle tensors, checking each one's presence, type and
+//! shape against the hyper-parameters first.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, TensorInfo};
+
+pub struct WeightLoader<'a> {
+    file: &'a GgufFile,
+}
+
+impl<'a> WeightLoader<'a> {
+    pub fn new(file: &'a GgufFile) -> Self {
+        Self { file }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.file.tensor(name).is_some()
+    }
+
+    /// The tensor's info, checked to have `dims` (ggml order: innermost first).
+    fn info(&self, name: &str, dims: &[usize]) -> Result<&'a TensorInfo> {
+        let info = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| Error::unsupported(format!("tensor '{name}' is missing")))?;
+        if info.dims != dims {
+            return Err(Error::unsupported(format!(
+                "tensor '{name}' has shape {:?}, the hyper-parameters call for {dims:?}",
+                info.dims
+            )));
+        }
+        Ok(info)
+    }
+
+    /// A quantized (or float) matrix of `rows` outputs by `cols` inputs.
+    pub fn qtensor(&self, name: &str, cols: usize, rows: usize) -> Result<Arc<QTensor>> {
+        let info = self.info(name, &[cols, rows])?;
+        let storage = QStorage::from_data(
+            Cow::Borrowed(self.file.tensor_data(info)),
+            &Device::Cpu,
+            info.dtype,
+        )?;
+        Ok(Arc::new(QTensor::new(storage, (rows, cols))?))
+    }
+
+    pub fn matmul(&self, name: &str, cols: usize, rows: usize) -> Result<QMatMul> {
+        Ok(QMatMul::from_arc(self.qtensor(name, cols, rows)?)?)
+    }
+
+    /// A 1-D float vector (norm weights, RoPE factors), converted to f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let info = self.info(name, &[len])?;
+        let bytes = self.file.tensor_data(info);
+        let values: Vec<f32> = match info.dtype {
+            GgmlDType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            GgmlDType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            GgmlDType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::unsupported(format!(
+                    "tensor '{name}' is {other:?}; a float type (F32, F16, BF16) is expected"
+                )))
+            }
+        };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::unsupported(format!(
+                "tensor '{name}' holds a non-finite value at index {i}"
+            )));
+        }
+        Ok(values)
+    }
+
+    pub fn vector_tensor(&self, name: &str, len: usize) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.vector(name, len)?,
+            len,
+            &Device::Cpu,
+        )?)
+    }
+}
