@@ -46,9 +46,6 @@ pub enum Error {
 
     #[error("model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
-
-    #[error("interrupted")]
-    Interrupted,
 }
 
 impl Error {

@@ -4,9 +4,18 @@
 //! tokenizer (`tokenizer`), its tensors a model (`model`), whose logits are sampled (`sampling`)
 //! in the generation loop (`generate`). `hub` fetches files; `python` is the PyO3 binding.
 
+pub mod chat_template;
+pub mod engine;
 pub mod error;
+pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+
+#[cfg(feature = "python")]
+mod python;
 
 pub use error::{Error, Result};
 

@@ -1,0 +1,151 @@
+"""Type stubs for phi3's native module (the Rust engine)."""
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Literal, Optional, Union, overload
+
+__version__: str
+
+Message = Mapping[str, str]
+Prompt = Union[str, Sequence[Message], Sequence[int]]
+
+class Phi3Error(RuntimeError):
+    """Base class of phi3's errors: model and runtime failures."""
+
+class ModelFileError(Phi3Error):
+    """The model file is not valid GGUF, or not a model phi3 can run."""
+
+class TokenizerError(Phi3Error):
+    """The vocabulary could not be built or used."""
+
+class ChatTemplateError(Phi3Error):
+    """The chat template failed to compile or render, or went over a sandbox limit."""
+
+class DownloadError(Phi3Error):
+    """A model file could not be fetched from the hub or found in its cache."""
+
+class ContextLengthError(Phi3Error, ValueError):
+    """The prompt does not fit in the context; the message gives both lengths."""
+
+class Token:
+    """One generated token (what ``stream(..., details=True)`` yields)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def logprob(self) -> float: ...
+
+class Stats:
+    """Counts and speeds of one generation."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def generated_tokens(self) -> int: ...
+    @property
+    def finish_reason(self) -> Optional[Literal["stop", "length"]]: ...
+    @property
+    def time_to_first_token_s(self) -> float: ...
+    @property
+    def prefill_tokens_per_s(self) -> float: ...
+    @property
+    def decode_tokens_per_s(self) -> float: ...
+
+class Stream:
+    """An answer being generated: iterate it for ``str`` pieces (``Token`` with ``details=True``)."""
+
+    def __iter__(self) -> "Stream": ...
+    def __next__(self) -> Union[str, Token]: ...
+    @property
+    def stats(self) -> Stats: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> "Stream": ...
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None: ...
+
+class Phi3:
+    """A Phi-family model loaded from a GGUF file.
+
+    ``model`` is a local ``.gguf`` path or a hub repository id (``"owner/name"``, then
+    ``filename`` names the file); the default is Microsoft's Phi-3-mini-4k-instruct q4 file.
+    """
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike[str], None] = None,
+        *,
+        filename: Optional[str] = None,
+        revision: Optional[str] = None,
+        tokenizer: Union[str, os.PathLike[str], None] = None,
+        threads: Optional[int] = None,
+        context_length: Optional[int] = None,
+    ) -> None: ...
+    @overload
+    def stream(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 512,
+        temperature: float = 0.8,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        raw: bool = False,
+        details: Literal[False] = False,
+    ) -> Stream: ...
+    @overload
+    def stream(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 512,
+        temperature: float = 0.8,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        raw: bool = False,
+        *,
+        details: Literal[True],
+    ) -> Stream: ...
+    def generate(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 512,
+        temperature: float = 0.8,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        raw: bool = False,
+    ) -> str: ...
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]: ...
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> str: ...
+    @property
+    def context_length(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def metadata(self) -> dict[str, Union[int, float, bool, str]]: ...
+    @property
+    def path(self) -> str: ...

@@ -1,0 +1,134 @@
+"""The ``phi3`` command: stream an answer to a prompt, or chat when no prompt is given."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from phi3._core import Phi3, Phi3Error, Stream, __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phi3",
+        description="Run a Phi-family model from a GGUF file and stream its answer. "
+        "With no PROMPT, start an interactive chat; with '-', read the prompt from stdin.",
+    )
+    p.add_argument("prompt", nargs="?", help="the prompt ('-' reads it from stdin)")
+    p.add_argument("-m", "--model", help="a local .gguf file or a hub repository id (owner/name)")
+    p.add_argument("--filename", help="the .gguf file within a hub repository")
+    p.add_argument("--revision", help="hub revision (default: main)")
+    p.add_argument("--tokenizer", help="a tokenizer.json (file or hub repository) to use instead of the GGUF's")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, no chat template")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--stats", action="store_true", help="print a one-line speed summary on stderr")
+    p.add_argument("--version", action="version", version=f"phi3 {__version__}")
+    return p
+
+
+def _print_stream(stream: Stream) -> str:
+    pieces = []
+    for piece in stream:
+        assert isinstance(piece, str)
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(pieces)
+
+
+def _print_stats(stream: Stream) -> None:
+    s = stream.stats
+    print(
+        f"phi3: {s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
+        f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s, "
+        f"first token after {s.time_to_first_token_s:.3f} s, finish: {s.finish_reason}",
+        file=sys.stderr,
+    )
+
+
+def _chat(model: Phi3, args: argparse.Namespace, options: dict[str, Any]) -> None:
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("phi3 chat: type a message, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = model.stream(messages, **options)
+        answer = _print_stream(stream)
+        if args.stats:
+            _print_stats(stream)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        model = Phi3(
+            args.model,
+            filename=args.filename,
+            revision=args.revision,
+            tokenizer=args.tokenizer,
+            threads=args.threads,
+            context_length=args.context_length,
+        )
+        options: dict[str, Any] = dict(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            repeat_penalty=args.repeat_penalty,
+            repeat_last_n=args.repeat_last_n,
+            stop=args.stop,
+        )
+        if args.prompt is None:
+            _chat(model, args, options)
+            return 0
+        prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt: Any = prompt_text
+        if args.raw:
+            options["raw"] = True
+        elif args.system:
+            prompt = [
+                {"role": "system", "content": args.system},
+                {"role": "user", "content": prompt_text},
+            ]
+        stream = model.stream(prompt, **options)
+        _print_stream(stream)
+        if args.stats:
+            _print_stats(stream)
+        return 0
+    except KeyboardInterrupt:
+        print("\nphi3: interrupted", file=sys.stderr)
+        return 130
+    except (Phi3Error, OSError, ValueError, TypeError) as e:
+        print(f"phi3: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+//! A loaded model: weights, tokenizer, chat template and the thread pool its work runs on.
+//! Immutable once built, so one `Engine` serves any number of concurrent generations.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::chat_template::{ChatTemplate, Message};
+use crate::error::{Error, Result};
+use crate::generate::{Generation, GenerationParams};
+use crate::gguf::names;
+use crate::gguf::{GgufFile, Value};
+use crate::model::{KvCache, Phi3Model};
+use crate::tokenizer::Tokenizer;
+
+/// Most worker threads a caller may ask for.
+pub const MAX_THREADS: usize = 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// A `tokenizer.json` to use instead of the GGUF file's own vocabulary.
+    pub tokenizer: Option<PathBuf>,
+    /// Worker threads (default: the cores this process may run on).
+    pub threads: Option<usize>,
+    /// Context length in use (default: the model's original training context).
+    pub context_length: Option<usize>,
+}
+
+/// What a generation starts from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// One user message, rendered through the chat template.
+    Text(String),
+    /// A conversation, rendered through the chat template.
+    Messages(Vec<Message>),
+    /// Token ids, used as they are.
+    Ids(Vec<u32>),
+    /// Text tokenized as it is: BOS added, special tokens recognised.
+    Raw(String),
+}
+
+pub struct Engine {
+    path: PathBuf,
+    model: Phi3Model,
+    tokenizer: Arc<Tokenizer>,
+    template: ChatTemplate,
+    /// The GGUF key/values that are not arrays, for callers to inspect.
+    metadata: Vec<(String, Value)>,
+    pool: rayon::ThreadPool,
+}
+
+impl Engine {
+    pub fn load(path: &Path, options: &EngineOptions) -> Result<Self> {
+        let threads = match options.threads {
+            Some(0) => return Err(Error::invalid_argument("threads must be at least 1")),
+            Some(n) if n > MAX_THREADS => {
+                return Err(Error::invalid_argument(format!(
+                    "threads must be at most {MAX_THREADS}, got {n}"
+                )))
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("phi3-worker-{i}"))
+            .build()
+            .map_err(|e| Error::invalid_argument(format!("threads: {e}")))?;
+
+        let file = GgufFile::open(path)?;
+        let md = file.metadata();
+        let tokenizer = match &options.tokenizer {
+            Some(json) => Tokenizer::from_tokenizer_json(json)?,
+            None => Tokenizer::from_gguf(md)?,
+        };
+        let token_text = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.id_to_token(id))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (bos, eos) = (token_text(tokenizer.bos_id()), token_text(tokenizer.eos_id()));
+        let template = match md.optional_str(names::tokenizer::CHAT_TEMPLATE)? {
+            Some(source) => ChatTemplate::new(source, &bos, &eos)?,
+            None => ChatTemplate::phi3_default(&bos, &eos),
+        };
+        let model = pool.install(|| Phi3Model::load(&file, options.context_length))?;
+        if tokenizer.vocab_size() > model.vocab_size() {
+            return Err(Error::unsupported(format!(
+                "the tokenizer has {} tokens but '{}' only {} rows",
+                tokenizer.vocab_size(),
+                names::tensors::TOKEN_EMBD,
+                model.vocab_size()
+            )));
+        }
+        let metadata = md
+            .iter()
+            .filter(|(_, v)| !matches!(v, Value::Array(_)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            model,
+            tokenizer: Arc::new(tokenizer),
+            template,
+            metadata,
+            pool,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn model(&self) -> &Phi3Model {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn metadata(&self) -> &[(String, Value)] {
+        &self.metadata
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.model.context_length()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.model.vocab_size()
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Runs the model on this engine's thread pool.
+    pub(crate) fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.pool.install(|| self.model.forward(tokens, cache))
+    }
+
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.template.render(messages, add_generation_prompt)
+    }
+
+    pub fn tokenize(&self, text: &str, add_bos: bool, special: bool) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, add_bos, special)
+    }
+
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String> {
+        self.check_token_ids(ids)?;
+        self.tokenizer.decode(ids, false)
+    }
+
+    pub fn check_token_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.vocab_size();
+        match ids.iter().position(|&id| id as usize >= vocab) {
+            Some(i) => Err(Error::invalid_argument(format!(
+                "prompt: token id {} at index {i} is out of range (vocabulary of {vocab})",
+                ids[i]
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The prompt's token ids, with exactly one BOS where the model wants one.
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let add_bos = self.tokenizer.add_bos_default();
+        let ids = match prompt {
+            Prompt::Ids(ids) => {
+                self.check_token_ids(ids)?;
+                ids.clone()
+            }
+            Prompt::Raw(text) => self.tokenizer.encode(text, add_bos, true)?,
+            Prompt::Text(text) => {
+                let message = Message {
+                    role: "user".into(),
+                    content: text.clone(),
+                };
+                self.encode_chat(&[message], add_bos)?
+            }
+            Prompt::Messages(messages) => self.encode_chat(messages, add_bos)?,
+        };
+        if ids.is_empty() {
+            return Err(Error::invalid_argument("prompt: it encodes to no tokens"));
+        }
+        Ok(ids)
+    }
+
+    fn encode_chat(&self, messages: &[Message], add_bos: bool) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        let mut ids = self.tokenizer.encode(&text, add_bos, true)?;
+        // Templates that print the BOS themselves would give two.
+        if let Some(bos) = self.tokenizer.bos_id() {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn generate(
+        self: &Arc<Self>,
+        prompt: &Prompt,
+        params: GenerationParams,
+    ) -> Result<Generation> {
+        params.validate()?;
+        let ids = self.encode_prompt(prompt)?;
+        Generation::new(self.clone(), ids, params)
+    }
+}

@@ -1,0 +1,118 @@
+//! Python exceptions, one per kind of engine error, and the guard every long call goes through.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+use crate::error::Error;
+
+pyo3::create_exception!(
+    phi3,
+    Phi3Error,
+    PyRuntimeError,
+    "Base class of phi3's errors: model and runtime failures."
+);
+pyo3::create_exception!(
+    phi3,
+    ModelFileError,
+    Phi3Error,
+    "The model file is not valid GGUF, or not a model phi3 can run; the message names the key or tensor."
+);
+pyo3::create_exception!(
+    phi3,
+    TokenizerError,
+    Phi3Error,
+    "The vocabulary could not be built or used."
+);
+pyo3::create_exception!(
+    phi3,
+    ChatTemplateError,
+    Phi3Error,
+    "The chat template failed to compile or render, or went over a sandbox limit."
+);
+pyo3::create_exception!(
+    phi3,
+    DownloadError,
+    Phi3Error,
+    "A model file could not be fetched from the hub or found in its cache."
+);
+
+static CONTEXT_LENGTH_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// `ContextLengthError(Phi3Error, ValueError)`: a prompt longer than the context is both a
+/// runtime limit of the model and a bad argument. Rust's exception macro takes one base, so the
+/// class is made the way Python makes classes: by calling `type`.
+fn context_length_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    CONTEXT_LENGTH_ERROR
+        .get_or_try_init(py, || {
+            let bases = PyTuple::new(
+                py,
+                [py.get_type::<Phi3Error>(), py.get_type::<PyValueError>()],
+            )?;
+            let namespace = PyDict::new(py);
+            namespace.set_item("__module__", "phi3")?;
+            namespace.set_item(
+                "__doc__",
+                "The prompt does not fit in the context; the message gives both lengths.",
+            )?;
+            let class = py
+                .get_type::<PyType>()
+                .call1(("ContextLengthError", bases, namespace))?;
+            Ok(class.cast_into::<PyType>()?.unbind())
+        })
+        .map(|t| t.bind(py))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("Phi3Error", py.get_type::<Phi3Error>())?;
+    m.add("ModelFileError", py.get_type::<ModelFileError>())?;
+    m.add("TokenizerError", py.get_type::<TokenizerError>())?;
+    m.add("ChatTemplateError", py.get_type::<ChatTemplateError>())?;
+    m.add("DownloadError", py.get_type::<DownloadError>())?;
+    m.add("ContextLengthError", context_length_error(py)?)?;
+    Ok(())
+}
+
+pub fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
+    let msg = err.to_string();
+    match err {
+        Error::FileNotFound(_) => PyFileNotFoundError::new_err(msg),
+        Error::Io { .. } | Error::InvalidGguf(_) | Error::UnsupportedModel(_) => {
+            ModelFileError::new_err(msg)
+        }
+        Error::Tokenizer(_) => TokenizerError::new_err(msg),
+        Error::ChatTemplate(_) => ChatTemplateError::new_err(msg),
+        Error::ContextOverflow { .. } => match context_length_error(py) {
+            Ok(class) => PyErr::from_type(class.clone(), msg),
+            Err(e) => e,
+        },
+        Error::InvalidArgument(_) => PyValueError::new_err(msg),
+        Error::Hub(_) => DownloadError::new_err(msg),
+        Error::Compute(_) => Phi3Error::new_err(msg),
+    }
+}
+
+/// Runs `work` without the GIL, so other Python threads go on, and turns a panic into a
+/// `Phi3Error` (PyO3's `PanicException` is a `BaseException` that `except Exception` misses).
+pub fn detached<T, F>(py: Python<'_>, work: F) -> PyResult<T>
+where
+    F: FnOnce() -> crate::Result<T> + Send,
+    T: Send,
+{
+    match py.detach(|| catch_unwind(AssertUnwindSafe(work))) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(to_py_err(py, err)),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown cause".to_string());
+            Err(Phi3Error::new_err(format!("internal error: {what}")))
+        }
+    }
+}

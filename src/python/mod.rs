@@ -1,0 +1,20 @@
+//! The PyO3 binding: the only module that knows Python. Every call that does real work releases
+//! the GIL, catches panics, and turns engine errors into the exception classes of `errors.rs`.
+
+mod convert;
+mod errors;
+mod model;
+mod stream;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<model::PyPhi3>()?;
+    m.add_class::<stream::PyStream>()?;
+    m.add_class::<stream::PyToken>()?;
+    m.add_class::<stream::PyStats>()?;
+    errors::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! `phi3.Phi3`: a loaded model, shared by every stream made from it.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyFileNotFoundError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use super::convert::{self, type_name};
+use super::errors::detached;
+use super::stream::{next_event, PyStream};
+use crate::engine::{Engine, EngineOptions};
+use crate::generate::{Event, GenerationParams};
+use crate::hub;
+use crate::sampling::SamplingParams;
+
+/// Where the model file comes from.
+enum ModelSource {
+    Local(PathBuf),
+    Hub {
+        repo: String,
+        filename: String,
+        revision: String,
+    },
+}
+
+/// A Phi-family model loaded from a GGUF file, ready to stream answers.
+#[pyclass(name = "Phi3", module = "phi3", frozen)]
+pub struct PyPhi3 {
+    engine: Arc<Engine>,
+}
+
+/// `os.fspath(obj)` for str and path-like objects.
+fn fspath(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    let os = obj.py().import("os")?;
+    os.call_method1("fspath", (obj,))
+        .and_then(|p| p.extract::<String>())
+        .map_err(|_| {
+            PyTypeError::new_err(format!(
+                "{what} must be a str or a path, got {}",
+                type_name(obj)
+            ))
+        })
+}
+
+/// "owner/name": what a hub repository id looks like (a local path would exist).
+fn looks_like_repo(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty())
+        && !s.ends_with(".gguf")
+        && !s.starts_with('.')
+}
+
+fn model_source(
+    model: Option<&Bound<'_, PyAny>>,
+    filename: Option<String>,
+    revision: Option<String>,
+) -> PyResult<ModelSource> {
+    let Some(model) = model.filter(|m| !m.is_none()) else {
+        return Ok(ModelSource::Hub {
+            repo: hub::DEFAULT_REPO.into(),
+            filename: filename.unwrap_or_else(|| hub::DEFAULT_FILE.into()),
+            revision: revision.unwrap_or_else(|| hub::DEFAULT_REVISION.into()),
+        });
+    };
+    let model = fspath(model, "model")?;
+    let path = PathBuf::from(&model);
+    if path.exists() {
+        if filename.is_some() || revision.is_some() {
+            return Err(PyValueError::new_err(format!(
+                "filename and revision apply to hub repositories, but model '{model}' is a local path"
+            )));
+        }
+        return Ok(ModelSource::Local(path));
+    }
+    if !looks_like_repo(&model) {
+        return Err(PyFileNotFoundError::new_err(format!("no such file: {model}")));
+    }
+    let filename = match filename {
+        Some(f) => f,
+        None if model == hub::DEFAULT_REPO => hub::DEFAULT_FILE.into(),
+        None => {
+            return Err(PyValueError::new_err(format!(
+                "filename: which .gguf file of the hub repository '{model}' to load?"
+            )))
+        }
+    };
+    Ok(ModelSource::Hub {
+        repo: model,
+        filename,
+        revision: revision.unwrap_or_else(|| hub::DEFAULT_REVISION.into()),
+    })
+}
+
+fn tokenizer_path(py: Python<'_>, tokenizer: Option<&Bound<'_, PyAny>>) -> PyResult<Option<PathBuf>> {
+    let Some(tokenizer) = tokenizer.filter(|t| !t.is_none()) else {
+        return Ok(None);
+    };
+    let spec = fspath(tokenizer, "tokenizer")?;
+    let path = PathBuf::from(&spec);
+    if path.exists() {
+        return Ok(Some(path));
+    }
+    if !looks_like_repo(&spec) {
+        return Err(PyFileNotFoundError::new_err(format!("no such file: {spec}")));
+    }
+    let progress = std::io::stderr().is_terminal();
+    detached(py, || {
+        hub::fetch(&spec, "tokenizer.json", hub::DEFAULT_REVISION, progress)
+    })
+    .map(Some)
+}
+
+fn non_negative(value: i64, name: &str) -> PyResult<usize> {
+    usize::try_from(value)
+        .map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {value}")))
+}
+
+#[pymethods]
+impl PyPhi3 {
+    #[new]
+    #[pyo3(signature = (model=None, *, filename=None, revision=None, tokenizer=None, threads=None, context_length=None))]
+    fn new(
+        py: Python<'_>,
+        model: Option<&Bound<'_, PyAny>>,
+        filename: Option<String>,
+        revision: Option<String>,
+        tokenizer: Option<&Bound<'_, PyAny>>,
+        threads: Option<i64>,
+        context_length: Option<i64>,
+    ) -> PyResult<Self> {
+        let threads = threads
+            .map(|t| match usize::try_from(t) {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(PyValueError::new_err(format!("threads must be >= 1, got {t}"))),
+            })
+            .transpose()?;
+        let context_length = context_length
+            .map(|c| match usize::try_from(c) {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(PyValueError::new_err(format!(
+                    "context_length must be >= 1, got {c}"
+                ))),
+            })
+            .transpose()?;
+        let source = model_source(model, filename, revision)?;
+        let options = EngineOptions {
+            tokenizer: tokenizer_path(py, tokenizer)?,
+            threads,
+            context_length,
+        };
+        let progress = std::io::stderr().is_terminal();
+        let engine = detached(py, || {
+            let path = match &source {
+                ModelSource::Local(path) => path.clone(),
+                ModelSource::Hub {
+                    repo,
+                    filename,
+                    revision,
+                } => hub::fetch(repo, filename, revision, progress)?,
+            };
+            Engine::load(&path, &options)
+        })?;
+        Ok(Self {
+            engine: Arc::new(engine),
+        })
+    }
+
+    /// Starts generating an answer to `prompt`; iterate the result for text pieces.
+    #[pyo3(signature = (prompt, max_tokens=512, temperature=0.8, top_p=None, top_k=None, seed=None, repeat_penalty=1.0, repeat_last_n=64, stop=None, ignore_eos=false, raw=false, details=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        max_tokens: i64,
+        temperature: f64,
+        top_p: Option<f64>,
+        top_k: Option<i64>,
+        seed: Option<&Bound<'_, PyAny>>,
+        repeat_penalty: f64,
+        repeat_last_n: i64,
+        stop: Option<&Bound<'_, PyAny>>,
+        ignore_eos: bool,
+        raw: bool,
+        details: bool,
+    ) -> PyResult<PyStream> {
+        let prompt = convert::prompt(prompt, raw)?;
+        let seed = match seed.filter(|s| !s.is_none()) {
+            None => None,
+            Some(s) => {
+                let value: i128 = s.extract().map_err(|_| {
+                    PyTypeError::new_err(format!("seed must be an int, got {}", type_name(s)))
+                })?;
+                Some(u64::try_from(value).map_err(|_| {
+                    PyValueError::new_err(format!("seed must be in 0..2**64, got {value}"))
+                })?)
+            }
+        };
+        let params = GenerationParams {
+            max_tokens: non_negative(max_tokens, "max_tokens")?,
+            sampling: SamplingParams {
+                temperature: temperature as f32,
+                top_p: top_p.map(|p| p as f32),
+                top_k: top_k.map(|k| non_negative(k, "top_k")).transpose()?,
+                seed,
+                repeat_penalty: repeat_penalty as f32,
+                repeat_last_n: non_negative(repeat_last_n, "repeat_last_n")?,
+            },
+            stop: convert::stop_strings(stop)?,
+            ignore_eos,
+        };
+        let engine = &self.engine;
+        let generation = detached(py, || engine.generate(&prompt, params))?;
+        Ok(PyStream::new(generation, details))
+    }
+
+    /// The whole answer to `prompt` as one string (same arguments as `stream`).
+    #[pyo3(signature = (prompt, max_tokens=512, temperature=0.8, top_p=None, top_k=None, seed=None, repeat_penalty=1.0, repeat_last_n=64, stop=None, ignore_eos=false, raw=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        max_tokens: i64,
+        temperature: f64,
+        top_p: Option<f64>,
+        top_k: Option<i64>,
+        seed: Option<&Bound<'_, PyAny>>,
+        repeat_penalty: f64,
+        repeat_last_n: i64,
+        stop: Option<&Bound<'_, PyAny>>,
+        ignore_eos: bool,
+        raw: bool,
+    ) -> PyResult<String> {
+        let stream = self.stream(
+            py,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            repeat_penalty,
+            repeat_last_n,
+            stop,
+            ignore_eos,
+            raw,
+            false,
+        )?;
+        let Some(mut generation) = stream.into_generation() else {
+            return Ok(String::new());
+        };
+        let mut answer = String::new();
+        loop {
+            match next_event(py, &mut generation)? {
+                Event::Prefilled => {}
+                Event::Token(piece) => answer.push_str(&piece.text),
+                Event::Finished { text } => {
+                    answer.push_str(&text);
+                    return Ok(answer);
+                }
+            }
+        }
+    }
+
+    /// Token ids of `text` (`special`: recognise special tokens such as `<|user|>`).
+    #[pyo3(signature = (text, add_bos=true, special=true))]
+    fn tokenize(&self, py: Python<'_>, text: &str, add_bos: bool, special: bool) -> PyResult<Vec<u32>> {
+        let engine = &self.engine;
+        detached(py, || engine.tokenize(text, add_bos, special))
+    }
+
+    /// The text of token ids.
+    fn detokenize(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<String> {
+        if ids.is_instance_of::<PyString>() {
+            return Err(PyTypeError::new_err("ids must be a list of int, got str"));
+        }
+        let ids: Vec<u32> = ids
+            .try_iter()
+            .map_err(|_| {
+                PyTypeError::new_err(format!("ids must be a list of int, got {}", type_name(ids)))
+            })?
+            .enumerate()
+            .map(|(i, item)| convert::token_id(&item?, &format!("ids[{i}]")))
+            .collect::<PyResult<_>>()?;
+        let engine = &self.engine;
+        detached(py, || engine.detokenize(&ids))
+    }
+
+    /// The prompt text the chat template makes of `messages`.
+    #[pyo3(signature = (messages, add_generation_prompt=true))]
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
+        let messages = convert::messages(messages)?;
+        let engine = &self.engine;
+        detached(py, || engine.apply_chat_template(&messages, add_generation_prompt))
+    }
+
+    /// Positions the model serves (prompt and answer together).
+    #[getter]
+    fn context_length(&self) -> usize {
+        self.engine.context_length()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.engine.vocab_size()
+    }
+
+    /// Worker threads the model runs on.
+    #[getter]
+    fn threads(&self) -> usize {
+        self.engine.threads()
+    }
+
+    /// The GGUF key/values that are not arrays (a fresh dict on each access).
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (key, value) in self.engine.metadata() {
+            dict.set_item(key, convert::metadata_value(py, value)?)?;
+        }
+        Ok(dict)
+    }
+
+    /// The model file's path.
+    #[getter]
+    fn path(&self) -> String {
+        self.engine.path().display().to_string()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Phi3({:?}, context_length={}, threads={})",
+            self.engine.path().display().to_string(),
+            self.engine.context_length(),
+            self.engine.threads()
+        )
+    }
+}

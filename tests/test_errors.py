@@ -1,0 +1,112 @@
+"""Bad arguments and bad files raise clear exceptions before any work, and the model still
+answers right after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phi3 import ModelFileError, Phi3, Phi3Error
+
+HOCKEY = "Write a haiku about ice hockey"
+
+
+@pytest.mark.parametrize(
+    "prompt,kwargs,error,match",
+    [
+        (42, {}, TypeError, "prompt must be"),
+        (None, {}, TypeError, "prompt must be"),
+        ([], {}, ValueError, "empty"),
+        ([1, -5], {}, ValueError, r"prompt\[1\]"),
+        ([1, 10**12], {}, ValueError, r"prompt\[1\]"),
+        ([1, 999_999], {}, ValueError, "out of range"),
+        ([1, "a"], {}, TypeError, r"prompt\[1\]"),
+        ([{"role": "wizard", "content": "hi"}], {}, ValueError, "role"),
+        ([{"role": "user"}], {}, ValueError, "content"),
+        ([{"role": "user", "content": 5}], {}, TypeError, "content"),
+        ([1, 2], {"raw": True}, TypeError, "raw"),
+        (HOCKEY, {"temperature": -0.1}, ValueError, "temperature"),
+        (HOCKEY, {"temperature": float("nan")}, ValueError, "temperature"),
+        (HOCKEY, {"temperature": "hot"}, TypeError, ""),
+        (HOCKEY, {"top_p": 0.0}, ValueError, "top_p"),
+        (HOCKEY, {"top_p": 1.5}, ValueError, "top_p"),
+        (HOCKEY, {"top_k": -1}, ValueError, "top_k"),
+        (HOCKEY, {"max_tokens": -1}, ValueError, "max_tokens"),
+        (HOCKEY, {"repeat_penalty": 0}, ValueError, "repeat_penalty"),
+        (HOCKEY, {"repeat_last_n": -2}, ValueError, "repeat_last_n"),
+        (HOCKEY, {"seed": -1}, ValueError, "seed"),
+        (HOCKEY, {"seed": "x"}, TypeError, "seed"),
+        (HOCKEY, {"stop": 5}, TypeError, "stop"),
+        (HOCKEY, {"stop": ["ok", 5]}, TypeError, r"stop\[1\]"),
+        (HOCKEY, {"stop": [""]}, ValueError, r"stop\[0\]"),
+    ],
+)
+def test_bad_arguments(haiku: Phi3, prompt: Any, kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        haiku.stream(prompt, **kwargs)
+    assert haiku.generate(HOCKEY, temperature=0, max_tokens=3) == "Puck skims the"
+
+
+def test_missing_file() -> None:
+    with pytest.raises(FileNotFoundError):
+        Phi3("/no/such/model.gguf")
+
+
+def test_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="directory"):
+        Phi3(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "too short"),
+        (b"NOPE" + bytes(60), "magic"),
+        (b"GGUF" + (99).to_bytes(4, "little") + bytes(60), "version"),
+    ],
+)
+def test_broken_files(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match=match):
+        Phi3(path)
+
+
+def test_truncated_file(tmp_path: Path, haiku_path: str) -> None:
+    data = Path(haiku_path).read_bytes()
+    path = tmp_path / "half.gguf"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated|past the end"):
+        Phi3(path)
+
+
+def test_vocabulary_only_file_is_not_a_model() -> None:
+    from conftest import fixture_path
+
+    with pytest.raises(ModelFileError, match="token_embd.weight"):
+        Phi3(fixture_path("phi3-vocab.gguf"))
+
+
+def test_errors_are_phi3_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"NOPE" + bytes(60))
+    with pytest.raises(Phi3Error):
+        Phi3(path)
+    assert issubclass(Phi3Error, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"threads": 0}, ValueError, "threads"),
+        ({"context_length": 0}, ValueError, "context_length"),
+        ({"context_length": 10**7}, ValueError, "context_length"),
+        ({"filename": "x.gguf"}, ValueError, "filename"),
+        ({"tokenizer": "/no/such/tokenizer.json"}, FileNotFoundError, "tokenizer.json"),
+    ],
+)
+def test_bad_constructor_arguments(haiku_path: str, kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        Phi3(haiku_path, **kwargs)
