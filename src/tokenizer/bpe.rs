@@ -17,7 +17,11 @@ use crate::error::{Error, Result};
 pub(crate) enum PreTokenizerKind {
     /// GPT-2's: `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
     Gpt2,
-    /// GPT-4o's (o200k), used by Phi-4 and Phi-4-mini.
+    /// GPT-4o's (o200k), used by Phi-4 and Phi-4-mini, as published in their tokenizer.json.
+    /// llama.cpp runs an adaptation that tells upper from lower case by ASCII only and leaves
+    /// combining marks (`\p{M}`) out of words; the two agree on ASCII and on caseless scripts
+    /// (CJK), and differ on mixed-case non-ASCII words (`helloÄ`: `hello`, `Ä` here, one word
+    /// in llama.cpp) and on decomposed accents.
     Gpt4o,
 }
 
@@ -158,7 +162,8 @@ struct Merge {
 
 pub(crate) struct Bpe {
     pre: PreTokenizer,
-    byte_chars: [char; 256],
+    /// Boxed to keep `Bpe` small.
+    byte_chars: Box<[char; 256]>,
     /// Every text that is an operand or a result of a merge, interned; the merge table works on
     /// these ids so that a lookup neither allocates nor hashes strings.
     pieces: HashMap<Box<str>, u32>,
@@ -243,7 +248,7 @@ impl Bpe {
         }
         Ok(Self {
             pre: PreTokenizer::new(kind),
-            byte_chars: byte_chars(),
+            byte_chars: Box::new(byte_chars()),
             pieces,
             merges: table,
         })
@@ -397,6 +402,10 @@ mod tests {
             split(Gpt4o, "Hi!!! ...\n/path"),
             ["Hi", "!!!", " ...\n/", "path"]
         );
+        // Case is Unicode's: a capital after lower-case letters starts a new word.
+        assert_eq!(split(Gpt4o, "helloÄpfel"), ["hello", "Äpfel"]);
+        // Combining marks stay in the word (e + U+0301).
+        assert_eq!(split(Gpt4o, "cafe\u{301} ok"), ["cafe\u{301}", " ok"]);
         // CamelCase splits before each capital run; a non-letter prefix joins a word.
         assert_eq!(
             split(Gpt4o, "HTTPServer camelCase"),

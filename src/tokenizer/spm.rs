@@ -15,8 +15,9 @@ pub(crate) const SPACE: &str = "\u{2581}";
 pub(crate) struct Spm {
     /// One score per token id: the merge priority (higher merges first). Never NaN.
     scores: Vec<f32>,
-    /// The token for each byte value: `<0xXX>`, else the one-byte text, else `unk`.
-    byte_tokens: [Option<u32>; 256],
+    /// The token for each byte value: `<0xXX>`, else the one-byte text, else `unk`. Boxed to
+    /// keep `Spm` small.
+    byte_tokens: Box<[Option<u32>; 256]>,
 }
 
 /// A symbol: a run of the fragment's bytes, linked to its neighbours. `len == 0` marks a symbol
@@ -70,7 +71,7 @@ impl Spm {
                 *s = 0.0;
             }
         }
-        let mut byte_tokens = [None; 256];
+        let mut byte_tokens = Box::new([None; 256]);
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
             let b = b as u8;
             *slot = vocab

@@ -120,8 +120,8 @@ impl Vocab {
         })
     }
 
-    /// Collects the special tokens `partition` looks for; `rstrip(id, text)` says which strip the
-    /// whitespace after them.
+    /// Collects the special tokens `partition` looks for; `rstrip(text)` says which of them strip
+    /// the whitespace after them.
     pub(crate) fn set_specials(&mut self, rstrip: impl Fn(&str) -> bool) {
         let mut specials: Vec<Special> = (0..self.texts.len())
             .filter(|&i| self.kinds[i].is_special() && !self.texts[i].is_empty())
