@@ -4,7 +4,9 @@
 //! tokenizer (`tokenizer`), its tensors a model (`model`), whose logits are sampled (`sampling`)
 //! in the generation loop (`generate`). `hub` fetches files; `python` is the PyO3 binding.
 
+pub mod chat_template;
 pub mod error;
 pub mod gguf;
+pub mod hub;
 
 pub use error::{Error, Result};
