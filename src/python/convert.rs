@@ -14,7 +14,7 @@ const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 pub fn prompt(obj: &Bound<'_, PyAny>, raw: bool) -> PyResult<Prompt> {
     if let Ok(text) = obj.cast::<PyString>() {
-        let text = text.to_str()?.to_string();
+        let text: String = text.extract()?;
         return Ok(if raw {
             Prompt::Raw(text)
         } else {
@@ -116,7 +116,7 @@ pub fn stop_strings(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
         return Ok(Vec::new());
     };
     if let Ok(s) = obj.cast::<PyString>() {
-        return Ok(vec![s.to_str()?.to_string()]);
+        return Ok(vec![s.extract::<String>()?]);
     }
     if !(obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>()) {
         return Err(PyTypeError::new_err(format!(
