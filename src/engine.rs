@@ -77,7 +77,10 @@ impl Engine {
                 .unwrap_or_default()
                 .to_string()
         };
-        let (bos, eos) = (token_text(tokenizer.bos_id()), token_text(tokenizer.eos_id()));
+        let (bos, eos) = (
+            token_text(tokenizer.bos_id()),
+            token_text(tokenizer.eos_id()),
+        );
         let template = match md.optional_str(names::tokenizer::CHAT_TEMPLATE)? {
             Some(source) => ChatTemplate::new(source, &bos, &eos)?,
             None => ChatTemplate::phi3_default(&bos, &eos),
@@ -151,9 +154,19 @@ impl Engine {
         self.tokenizer.encode(text, add_bos, special)
     }
 
+    /// The text of `ids`, as `tokenize` would have read it: a leading BOS (which tokenize adds)
+    /// and SentencePiece's leading space are not part of it.
     pub fn detokenize(&self, ids: &[u32]) -> Result<String> {
         self.check_token_ids(ids)?;
-        self.tokenizer.decode(ids, false)
+        let ids = match (ids.first(), self.tokenizer.bos_id()) {
+            (Some(first), Some(bos)) if *first == bos => &ids[1..],
+            _ => ids,
+        };
+        let text = self.tokenizer.decode(ids, false)?;
+        Ok(match text.strip_prefix(' ') {
+            Some(rest) if self.tokenizer.strips_leading_space() => rest.to_string(),
+            _ => text,
+        })
     }
 
     pub fn check_token_ids(&self, ids: &[u32]) -> Result<()> {

@@ -91,7 +91,9 @@ pub enum Event {
     Prefilled,
     Token(Piece),
     /// The generation is over; `text` is what was still held back, if anything.
-    Finished { text: String },
+    Finished {
+        text: String,
+    },
 }
 
 pub struct Generation {

@@ -147,7 +147,11 @@ impl Sampler {
                 continue;
             }
             if let Some(l) = logits.get_mut(id as usize) {
-                *l = if *l >= 0.0 { *l / penalty } else { *l * penalty };
+                *l = if *l >= 0.0 {
+                    *l / penalty
+                } else {
+                    *l * penalty
+                };
             }
         }
     }
@@ -270,10 +274,22 @@ mod tests {
     #[test]
     fn invalid_parameters_name_the_argument() {
         let bad = [
-            SamplingParams { temperature: -1.0, ..params(1.0) },
-            SamplingParams { top_p: Some(0.0), ..params(1.0) },
-            SamplingParams { top_p: Some(1.5), ..params(1.0) },
-            SamplingParams { repeat_penalty: 0.0, ..params(1.0) },
+            SamplingParams {
+                temperature: -1.0,
+                ..params(1.0)
+            },
+            SamplingParams {
+                top_p: Some(0.0),
+                ..params(1.0)
+            },
+            SamplingParams {
+                top_p: Some(1.5),
+                ..params(1.0)
+            },
+            SamplingParams {
+                repeat_penalty: 0.0,
+                ..params(1.0)
+            },
         ];
         let names = ["temperature", "top_p", "top_p", "repeat_penalty"];
         for (p, name) in bad.iter().zip(names) {

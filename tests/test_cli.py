@@ -36,7 +36,7 @@ def test_stdin_prompt_and_stats(haiku_path: str) -> None:
 
 
 def test_options_reach_the_model(haiku_path: str) -> None:
-    r = run("-m", haiku_path, "--temperature", "0", "--max-tokens", "3", "Write a haiku about ice hockey")
+    r = run("-m", haiku_path, "--temperature", "0", "--max-tokens", "5", "Write a haiku about ice hockey")
     assert r.stdout == "Puck skims the\n"
     r = run("-m", haiku_path, "--temperature", "0", "--stop", "blades", "Write a haiku about ice hockey")
     assert r.stdout == "Puck skims the white rink,\nsteel \n"
@@ -51,7 +51,7 @@ def test_raw_prompt(haiku_path: str) -> None:
 def test_system_message(haiku_path: str) -> None:
     r = run(
         "-m", haiku_path, "--temperature", "0", "--max-tokens", "40",
-        "--system", "You are a poet who answers in haiku.", "A haiku about the sea, please",
+        "--system", "You are a poet who answers in haiku.", "A haiku about the ocean, please.",
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Grey waves fold and break,")

@@ -36,7 +36,7 @@ def test_stats_after_the_loop(haiku: Phi3) -> None:
     list(stream)
     s = stream.stats
     assert s.prompt_tokens == 11
-    assert s.generated_tokens == 25
+    assert s.generated_tokens == 28  # llama.cpp's greedy run, the end token not counted
     assert s.finish_reason == "stop"
     assert s.time_to_first_token_s > 0
     assert s.prefill_tokens_per_s > 0

@@ -55,7 +55,9 @@ pub fn prompt(obj: &Bound<'_, PyAny>, raw: bool) -> PyResult<Prompt> {
 
 pub fn token_id(item: &Bound<'_, PyAny>, what: &str) -> PyResult<u32> {
     if item.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(PyTypeError::new_err(format!("{what} must be an int token id, got bool")));
+        return Err(PyTypeError::new_err(format!(
+            "{what} must be an int token id, got bool"
+        )));
     }
     let value: i64 = item.extract().map_err(|_| {
         PyTypeError::new_err(format!(
@@ -88,9 +90,9 @@ fn message(item: &Bound<'_, PyAny>, index: usize) -> PyResult<Message> {
         ))
     })?;
     let field = |key: &str| -> PyResult<String> {
-        let value = mapping.get_item(key).map_err(|_| {
-            PyValueError::new_err(format!("messages[{index}] has no '{key}'"))
-        })?;
+        let value = mapping
+            .get_item(key)
+            .map_err(|_| PyValueError::new_err(format!("messages[{index}] has no '{key}'")))?;
         value.extract::<String>().map_err(|_| {
             PyTypeError::new_err(format!(
                 "messages[{index}]['{key}'] must be a str, got {}",
@@ -129,10 +131,7 @@ pub fn stop_strings(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
         .map(|(i, item)| {
             let item = item?;
             let s: String = item.extract().map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "stop[{i}] must be a str, got {}",
-                    type_name(&item)
-                ))
+                PyTypeError::new_err(format!("stop[{i}] must be a str, got {}", type_name(&item)))
             })?;
             if s.is_empty() {
                 return Err(PyValueError::new_err(format!("stop[{i}] is empty")));

@@ -77,7 +77,9 @@ fn model_source(
         return Ok(ModelSource::Local(path));
     }
     if !looks_like_repo(&model) {
-        return Err(PyFileNotFoundError::new_err(format!("no such file: {model}")));
+        return Err(PyFileNotFoundError::new_err(format!(
+            "no such file: {model}"
+        )));
     }
     let filename = match filename {
         Some(f) => f,
@@ -95,7 +97,10 @@ fn model_source(
     })
 }
 
-fn tokenizer_path(py: Python<'_>, tokenizer: Option<&Bound<'_, PyAny>>) -> PyResult<Option<PathBuf>> {
+fn tokenizer_path(
+    py: Python<'_>,
+    tokenizer: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<PathBuf>> {
     let Some(tokenizer) = tokenizer.filter(|t| !t.is_none()) else {
         return Ok(None);
     };
@@ -105,7 +110,9 @@ fn tokenizer_path(py: Python<'_>, tokenizer: Option<&Bound<'_, PyAny>>) -> PyRes
         return Ok(Some(path));
     }
     if !looks_like_repo(&spec) {
-        return Err(PyFileNotFoundError::new_err(format!("no such file: {spec}")));
+        return Err(PyFileNotFoundError::new_err(format!(
+            "no such file: {spec}"
+        )));
     }
     let progress = std::io::stderr().is_terminal();
     detached(py, || {
@@ -135,7 +142,9 @@ impl PyPhi3 {
         let threads = threads
             .map(|t| match usize::try_from(t) {
                 Ok(n) if n > 0 => Ok(n),
-                _ => Err(PyValueError::new_err(format!("threads must be >= 1, got {t}"))),
+                _ => Err(PyValueError::new_err(format!(
+                    "threads must be >= 1, got {t}"
+                ))),
             })
             .transpose()?;
         let context_length = context_length
@@ -269,7 +278,13 @@ impl PyPhi3 {
 
     /// Token ids of `text` (`special`: recognise special tokens such as `<|user|>`).
     #[pyo3(signature = (text, add_bos=true, special=true))]
-    fn tokenize(&self, py: Python<'_>, text: &str, add_bos: bool, special: bool) -> PyResult<Vec<u32>> {
+    fn tokenize(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        add_bos: bool,
+        special: bool,
+    ) -> PyResult<Vec<u32>> {
         let engine = &self.engine;
         detached(py, || engine.tokenize(text, add_bos, special))
     }
@@ -301,7 +316,9 @@ impl PyPhi3 {
     ) -> PyResult<String> {
         let messages = convert::messages(messages)?;
         let engine = &self.engine;
-        detached(py, || engine.apply_chat_template(&messages, add_generation_prompt))
+        detached(py, || {
+            engine.apply_chat_template(&messages, add_generation_prompt)
+        })
     }
 
     /// Positions the model serves (prompt and answer together).
