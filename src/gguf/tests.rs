@@ -1686,8 +1686,17 @@ fn run_case(bytes: &[u8], path: &Path, stats: &mut FuzzStats) {
     );
     let Ok(header) = parsed else { return };
     stats.parsed += 1;
-    if Tokenizer::from_gguf(&header.metadata).is_ok() {
+    if let Ok(tokenizer) = Tokenizer::from_gguf(&header.metadata) {
         stats.tokenizers += 1;
+        let ids = tokenizer
+            .encode(
+                "<|user|>\nWrite a haiku about ice, hockey! <s>\u{e9}\u{1F3D2}",
+                true,
+                true,
+            )
+            .unwrap_or_default();
+        let _ = tokenizer.decode(&ids, false);
+        let _ = tokenizer.decode(&[0, 1, 2, u32::MAX], true);
     }
     let file = open_bytes(bytes, path).expect("a file that parses in memory opens");
     if let Ok(model) = Phi3Model::load(&file, None) {
