@@ -30,3 +30,58 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let log_sum = max + sum.ln();
     logits.iter().map(|&l| l as f64 - log_sum).collect()
 }
+
+/// The test binary's allocator: the system's, counting on each thread the largest single
+/// allocation and the bytes allocated, so tests can prove that hostile input allocates nothing
+/// big ([`allocations`]).
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+struct CountingAllocator;
+
+thread_local! {
+    static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static TOTAL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn note_allocation(size: usize) {
+    // `try_with`: allocations made while the thread's locals are torn down are not counted.
+    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    let _ = TOTAL.try_with(|t| t.set(t.get().saturating_add(size)));
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; counting allocates nothing.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation(layout.size());
+        // SAFETY: the caller's contract is passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note_allocation(layout.size());
+        // SAFETY: the caller's contract is passed on.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        note_allocation(new_size);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract is passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+/// What `f` allocated on this thread: `(result, largest single allocation, total bytes)`.
+pub fn allocations<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
+    LARGEST.with(|l| l.set(0));
+    let total_before = TOTAL.with(|t| t.get());
+    let result = f();
+    let largest = LARGEST.with(|l| l.get());
+    let total = TOTAL.with(|t| t.get()) - total_before;
+    (result, largest, total)
+}

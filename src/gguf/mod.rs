@@ -7,3 +7,6 @@ pub mod reader;
 
 pub use metadata::{Metadata, Value};
 pub use reader::{parse, GgufFile, GgufHeader, TensorInfo};
+
+#[cfg(test)]
+mod tests;

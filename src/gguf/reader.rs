@@ -27,6 +27,10 @@ pub const MAX_ARRAY_DEPTH: usize = 2;
 pub const MAX_DIMS: u32 = 4;
 const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_ALIGNMENT: u64 = 1 << 16;
+/// Fewest bytes one key/value pair occupies: key length, empty key, type, a one-byte value.
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// Fewest bytes one tensor info occupies: name length, empty name, one dimension, type, offset.
+const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 
 /// Where one tensor lies in the file and what it holds.
 #[derive(Debug, Clone)]
@@ -166,12 +170,14 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
             "key/value count {kv_count} is over the limit of {MAX_KV}"
         )));
     }
+    // Counts the file cannot hold are refused before anything is allocated for them.
+    r.check_room(kv_count, MIN_KV_BYTES, "key/value count")?;
 
     let mut entries = BTreeMap::new();
     for i in 0..kv_count {
         let key = r.string(&format!("key #{i}"))?;
         let value_type = r.u32(&format!("type of '{key}'"))?;
-        let value = r.value(value_type, &key, 0)?;
+        let value = r.value(value_type, &key, &format!("value of '{key}'"), 0)?;
         if entries.insert(key.clone(), value).is_some() {
             return Err(Error::invalid_gguf(format!(
                 "metadata key '{key}' appears twice"
@@ -186,12 +192,18 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
             .as_u64()
             .filter(|a| a.is_power_of_two() && *a >= 8 && *a <= MAX_ALIGNMENT)
             .ok_or_else(|| {
+                // The value, not its Debug form: that of a hostile array is as large as the file.
+                let shown = match v.as_i64() {
+                    Some(n) => n.to_string(),
+                    None => format!("(a {})", v.type_name()),
+                };
                 Error::invalid_gguf(format!(
-                    "general.alignment {v:?} is not a power of two between 8 and {MAX_ALIGNMENT}"
+                    "general.alignment {shown} is not a power of two between 8 and {MAX_ALIGNMENT}"
                 ))
             })?,
     };
 
+    r.check_room(tensor_count, MIN_TENSOR_INFO_BYTES, "tensor count")?;
     let mut raw = Vec::with_capacity(tensor_count as usize);
     let mut names = HashMap::with_capacity(tensor_count as usize);
     for i in 0..tensor_count {
@@ -318,6 +330,18 @@ impl<'a> Reader<'a> {
         self.bytes.len() - self.pos
     }
 
+    /// Refuses a `count` of things, each at least `min_bytes` long, that the bytes left cannot hold.
+    fn check_room(&self, count: u64, min_bytes: u64, what: &str) -> Result<()> {
+        if count.saturating_mul(min_bytes) > self.remaining() as u64 {
+            return Err(Error::invalid_gguf(format!(
+                "{what} {count} needs at least {min_bytes} bytes each, more than the {} bytes \
+                 left in the file: truncated or corrupt",
+                self.remaining()
+            )));
+        }
+        Ok(())
+    }
+
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         if n > self.remaining() {
             return Err(Error::invalid_gguf(format!(
@@ -358,17 +382,17 @@ impl<'a> Reader<'a> {
             .map_err(|_| Error::invalid_gguf(format!("{what} is not valid UTF-8")))
     }
 
-    fn value(&mut self, value_type: u32, key: &str, depth: usize) -> Result<Value> {
-        let what = || format!("value of '{key}'");
+    /// `what` ("value of 'key'") is built once per key, not once per array item.
+    fn value(&mut self, value_type: u32, key: &str, what: &str, depth: usize) -> Result<Value> {
         Ok(match value_type {
-            0 => Value::U8(self.array::<1>(&what())?[0]),
-            1 => Value::I8(self.array::<1>(&what())?[0] as i8),
-            2 => Value::U16(u16::from_le_bytes(self.array(&what())?)),
-            3 => Value::I16(i16::from_le_bytes(self.array(&what())?)),
-            4 => Value::U32(u32::from_le_bytes(self.array(&what())?)),
-            5 => Value::I32(i32::from_le_bytes(self.array(&what())?)),
-            6 => Value::F32(f32::from_le_bytes(self.array(&what())?)),
-            7 => match self.array::<1>(&what())?[0] {
+            0 => Value::U8(self.array::<1>(what)?[0]),
+            1 => Value::I8(self.array::<1>(what)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array(what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(what)?)),
+            4 => Value::U32(u32::from_le_bytes(self.array(what)?)),
+            5 => Value::I32(i32::from_le_bytes(self.array(what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(what)?)),
+            7 => match self.array::<1>(what)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
                 b => {
@@ -377,11 +401,11 @@ impl<'a> Reader<'a> {
                     )))
                 }
             },
-            8 => Value::String(self.string(&what())?),
-            9 => self.array_value(key, depth)?,
-            10 => Value::U64(u64::from_le_bytes(self.array(&what())?)),
-            11 => Value::I64(i64::from_le_bytes(self.array(&what())?)),
-            12 => Value::F64(f64::from_le_bytes(self.array(&what())?)),
+            8 => Value::String(self.string(what)?),
+            9 => self.array_value(key, what, depth)?,
+            10 => Value::U64(u64::from_le_bytes(self.array(what)?)),
+            11 => Value::I64(i64::from_le_bytes(self.array(what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(what)?)),
             other => {
                 return Err(Error::invalid_gguf(format!(
                     "'{key}' has unknown value type {other}"
@@ -390,7 +414,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn array_value(&mut self, key: &str, depth: usize) -> Result<Value> {
+    fn array_value(&mut self, key: &str, what: &str, depth: usize) -> Result<Value> {
         if depth >= MAX_ARRAY_DEPTH {
             return Err(Error::invalid_gguf(format!(
                 "'{key}' nests arrays deeper than {MAX_ARRAY_DEPTH}"
@@ -414,7 +438,8 @@ impl<'a> Reader<'a> {
         };
         if count.saturating_mul(min_item_bytes) > self.remaining() as u64 {
             return Err(Error::invalid_gguf(format!(
-                "'{key}' claims {count} items, more than the {} bytes left in the file can hold",
+                "'{key}' claims {count} items, more than the {} bytes left in the file can \
+                 hold: truncated or corrupt",
                 self.remaining()
             )));
         }
@@ -427,7 +452,7 @@ impl<'a> Reader<'a> {
         self.items_left -= count;
         let mut items = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            items.push(self.value(item_type, key, depth + 1)?);
+            items.push(self.value(item_type, key, what, depth + 1)?);
         }
         Ok(Value::Array(items))
     }

@@ -137,5 +137,13 @@ fn finite_positive(md: &Metadata, key: &str, default: Option<f64>) -> Result<f64
             "{key} = {value} is not a positive finite number"
         )));
     }
+    // The model computes in f32: a value that overflows to inf or underflows to 0 there would
+    // turn every activation into NaN.
+    let single = value as f32;
+    if !(single.is_finite() && single > 0.0) {
+        return Err(Error::unsupported(format!(
+            "{key} = {value} is out of the range of a positive f32"
+        )));
+    }
     Ok(value)
 }

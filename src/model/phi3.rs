@@ -38,6 +38,11 @@ struct Layer {
     ffn_down: QMatMul,
 }
 
+/// Most entries (positions × rotated frequency pairs) of the cos/sin tables built at load, each
+/// table an f32 per entry: 2^24 (128 MiB for both) is twice what Phi-3-medium-128k needs at its
+/// full context. A file alone cannot make `load` allocate more.
+const MAX_ROPE_TABLE_ENTRIES: usize = 1 << 24;
+
 pub struct Phi3Model {
     config: Config,
     /// Positions this instance serves (its KV caches and RoPE tables never exceed it).
@@ -69,6 +74,15 @@ impl Phi3Model {
             }
             Some(n) => n,
         };
+        let rope_entries = context_length.saturating_mul(config.rope_dim / 2);
+        if rope_entries > MAX_ROPE_TABLE_ENTRIES {
+            return Err(Error::unsupported(format!(
+                "a context_length of {context_length} with {} rotated dimensions per head needs \
+                 RoPE tables of {rope_entries} entries, over the limit of \
+                 {MAX_ROPE_TABLE_ENTRIES}: load with a smaller context_length",
+                config.rope_dim
+            )));
+        }
         let w = WeightLoader::new(file);
         let n_embd = config.embedding_length;
 
@@ -128,7 +142,14 @@ impl Phi3Model {
             names::ROPE_FACTORS_SHORT
         };
         let factors = if w.has(factors_name) {
-            Some(w.vector(factors_name, config.rope_dim / 2)?)
+            let factors = w.vector(factors_name, config.rope_dim / 2)?;
+            // Divisors of the frequencies: 0 or less would make the tables inf or NaN.
+            if let Some(i) = factors.iter().position(|&f| f <= 0.0) {
+                return Err(Error::unsupported(format!(
+                    "tensor '{factors_name}' holds a non-positive factor at index {i}"
+                )));
+            }
+            Some(factors)
         } else {
             None
         };
