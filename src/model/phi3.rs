@@ -337,16 +337,8 @@ impl Phi3Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::argmax;
     use crate::test_support::{fixture, ids, log_softmax, reference};
-
-    fn argmax(logits: &[f32]) -> u32 {
-        logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i as u32)
-            .unwrap()
-    }
 
     /// Against llama.cpp's log-softmax at the last prompt position: the most likely token within
     /// 0.05 (it agrees far more tightly than the tail), the rest of the top 20 within 0.2 (llama.cpp
