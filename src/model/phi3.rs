@@ -346,9 +346,14 @@ mod tests {
     /// values: tails move by up to 0.17; a wrong RoPE or head layout moves them by whole units).
     /// Then the greedy continuation, exactly, where the margins make it stable.
     fn check_against_llamacpp(model_file: &str) {
+        let refs = model_file.replace(".gguf", ".llamacpp.json");
+        check_against(model_file, &refs, None);
+    }
+
+    fn check_against(model_file: &str, reference_file: &str, context_length: Option<usize>) {
         let file = GgufFile::open(fixture(model_file)).unwrap();
-        let model = Phi3Model::load(&file, None).unwrap();
-        let refs = reference(&model_file.replace(".gguf", ".llamacpp.json"));
+        let model = Phi3Model::load(&file, context_length).unwrap();
+        let refs = reference(reference_file);
         for case in refs["cases"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
             let prompt = ids(&case["prompt_ids"]);
@@ -403,5 +408,48 @@ mod tests {
     #[test]
     fn phi4mini_gqa_partial_rotary_tied_matches_llamacpp() {
         check_against_llamacpp("tiny-phi4mini-gqa-partial-tied-q4_k_m.gguf");
+    }
+
+    /// Past 4096 positions of context, LongRoPE switches to the long factors, which the model was
+    /// not trained with: llama.cpp's answers change, and ours must change the same way.
+    #[test]
+    fn phi35_long_factors_match_llamacpp_at_8192() {
+        check_against(
+            "tiny-phi35-longrope-q4_k_m.gguf",
+            "tiny-phi35-longrope-q4_k_m.ctx8192.llamacpp.json",
+            Some(8192),
+        );
+    }
+
+    /// 3,088 tokens, past the 2,047-token sliding window: transformers' reference model (which
+    /// honours the window) within 0.1, in 512-token prefill chunks as generation runs them.
+    #[test]
+    fn sliding_window_matches_transformers() {
+        let file = GgufFile::open(fixture("tiny-phi3-haiku-q8_0.gguf")).unwrap();
+        let model = Phi3Model::load(&file, None).unwrap();
+        let refs = reference("tiny-phi3-haiku-long-prompt.transformers.json");
+        let prompt = ids(&refs["prompt_ids"]);
+        let mut cache = model.new_cache(prompt.len()).unwrap();
+        let mut logits = vec![];
+        for chunk in prompt.chunks(512) {
+            logits = model.forward(chunk, &mut cache).unwrap();
+        }
+        let logprobs = log_softmax(&logits);
+        let expected: Vec<f64> = refs["reference_window"]["last_logsoftmax"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let mut top: Vec<usize> = (0..expected.len()).collect();
+        top.sort_by(|&a, &b| expected[b].total_cmp(&expected[a]));
+        for &id in &top[..20] {
+            assert!(
+                (logprobs[id] - expected[id]).abs() < 0.1,
+                "token {id}: {} vs transformers {}",
+                logprobs[id],
+                expected[id]
+            );
+        }
     }
 }
