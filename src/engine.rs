@@ -46,6 +46,22 @@ pub struct Engine {
     /// The GGUF key/values that are not arrays, for callers to inspect.
     metadata: Vec<(String, Value)>,
     pool: rayon::ThreadPool,
+    /// Last, so that it drops after the weights.
+    _release: ReleaseMemoryOnDrop,
+}
+
+/// Hands the pages of a dropped model back to the OS. glibc keeps freed heap memory for reuse,
+/// so without this a deleted model can seem to stay in the process's memory.
+struct ReleaseMemoryOnDrop;
+
+impl Drop for ReleaseMemoryOnDrop {
+    fn drop(&mut self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free memory to the OS; it has no preconditions.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
 
 impl Engine {
@@ -106,6 +122,7 @@ impl Engine {
             template,
             metadata,
             pool,
+            _release: ReleaseMemoryOnDrop,
         })
     }
 
