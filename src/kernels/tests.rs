@@ -427,3 +427,47 @@ fn fixture_tensors() {
         "{seen:?}"
     );
 }
+
+/// GB/s of weights streamed per type and level for a 3072x8192 matrix (out of 8192-long x),
+/// single-threaded and on the global rayon pool. Run in release:
+/// `cargo test --release --lib kernels::tests::timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing() {
+    let (rows, cols) = (3072usize, 8192usize);
+    let mut rng = StdRng::seed_from_u64(9);
+    let x = randn(&mut rng, cols);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    println!(
+        "{rows}x{cols}, {} rayon threads; GB/s of weights (best of 5)",
+        rayon::current_num_threads()
+    );
+    for dtype in K_TYPES.into_iter().chain(SMALL_TYPES) {
+        let w = random_blocks(&mut rng, dtype, rows * cols / dtype.block_size());
+        let w = w.bytes();
+        let mut line = format!("{:>5}", format!("{dtype:?}"));
+        for level in levels() {
+            let mut out = vec![0f32; rows];
+            let mut best = |threads_one: bool| {
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    if threads_one {
+                        one.install(|| gemv_at(level, dtype, w, rows, cols, &x, &mut out))
+                            .unwrap();
+                    } else {
+                        gemv_at(level, dtype, w, rows, cols, &x, &mut out).unwrap();
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                w.len() as f64 / best / 1e9
+            };
+            let (st, mt) = (best(true), best(false));
+            line += &format!("  {level}: {st:6.2} (1t) {mt:6.2} (all)");
+        }
+        println!("{line}");
+    }
+}
