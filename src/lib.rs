@@ -10,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

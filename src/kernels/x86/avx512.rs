@@ -1,0 +1,261 @@
+//! AVX-512 (F/BW/VL) + VNNI kernels. `vpdpbusd` sums four u8 x i8 products into each i32 lane
+//! with no i16 intermediate. For the K-quants, 64 values go through one 512-bit `vpdpbusd`;
+//! two such results (4 i32 lanes per 16-value group, at most 4 * 63 * 127 = 32004) are packed to
+//! i16 and multiplied by their sub-block scales with one `vpmaddwd`: a scale vector per 128
+//! values, gathered from the block's scales with `vpermw`.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::avx2::{hsum_ps, hsum_ps128, load128, load256, mins_dot_bsums, q6k_offset};
+use crate::kernels::blocks::*;
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn load512<T>(p: &[T], at: usize) -> __m512i {
+    assert!((at + 64 / size_of::<T>()) <= p.len());
+    // SAFETY: 64 bytes from `at` lie within `p` (asserted).
+    unsafe { _mm512_loadu_si512(p.as_ptr().add(at).cast()) }
+}
+
+/// `vpermw` indices that lay sub-block scales (i16) over `packs(dp0, dp1)`: i16 lane t sits in
+/// 128-bit lane t / 8, and its first 4 come from dp0, its last 4 from dp1. `sub(k, second)` is
+/// the sub-block of 128-bit lane k of dp0 (`second` false) or dp1.
+const fn pack_index(sub: [[i16; 2]; 4]) -> [i16; 32] {
+    let mut idx = [0i16; 32];
+    let mut t = 0;
+    while t < 32 {
+        idx[t] = sub[t / 8][((t % 8) >= 4) as usize];
+        t += 1;
+    }
+    idx
+}
+
+/// Q4_K/Q5_K, 128 values `128p..`: dp0 holds chunk j = 2p (sub-blocks 4p in 128-bit lanes 0-1,
+/// 4p+1 in lanes 2-3), dp1 chunk 2p+1 (4p+2, 4p+3).
+const K4_IDX: [[i16; 32]; 2] = [
+    pack_index([[0, 2], [0, 2], [1, 3], [1, 3]]),
+    pack_index([[4, 6], [4, 6], [5, 7], [5, 7]]),
+];
+
+/// Q6_K, 128 values `128n..`: 128-bit lane k of dp0 is sub-block 8n+k, of dp1 8n+4+k.
+const Q6_IDX: [[i16; 32]; 2] = [
+    pack_index([[0, 4], [1, 5], [2, 6], [3, 7]]),
+    pack_index([[8, 12], [9, 13], [10, 14], [11, 15]]),
+];
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn idx(i: &[i16; 32]) -> __m512i {
+    load512(i, 0)
+}
+
+/// 256 i8 x u8 products of a K-quant block, weighted by sub-block scales, as 8 i32 lanes.
+/// `v(j)` gives the 64 unsigned values of chunk j (pairing with activations `64j..64j+64`).
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn k4_scaled_sum(
+    scales: __m512i,
+    a: &BlockQ8K,
+    index: &[__m512i; 2],
+    mut v: impl FnMut(usize) -> __m512i,
+) -> __m256i {
+    let zero = _mm512_setzero_si512();
+    let mut sumi = _mm512_setzero_si512();
+    for (p, index) in index.iter().enumerate() {
+        let dp0 = _mm512_dpbusd_epi32(zero, v(2 * p), load512(&a.qs, 128 * p));
+        let dp1 = _mm512_dpbusd_epi32(zero, v(2 * p + 1), load512(&a.qs, 128 * p + 64));
+        let packed = _mm512_packs_epi32(dp0, dp1);
+        let sc = _mm512_permutexvar_epi16(*index, scales);
+        sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(packed, sc));
+    }
+    _mm256_add_epi32(
+        _mm512_castsi512_si256(sumi),
+        _mm512_extracti64x4_epi64::<1>(sumi),
+    )
+}
+
+/// Nibbles of 32 bytes: low ones in the lower 256 bits, high ones in the upper.
+#[inline]
+#[target_feature(enable = "avx2,avx512f")]
+fn nibbles(q: __m256i) -> __m512i {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let lo = _mm256_and_si256(q, m4);
+    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn dot_q4k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    let index = [idx(&K4_IDX[0]), idx(&K4_IDX[1])];
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for (b, a) in w.iter().zip(y) {
+        let d = a.d * b.d.to_f32();
+        let dmin = -a.d * b.dmin.to_f32();
+        let (sc, mn) = unpack_scales_k4(&b.scales);
+        let prod = mins_dot_bsums(&mn, a);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+        let sc =
+            _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(sc))));
+        let sumi = k4_scaled_sum(sc, a, &index, |j| nibbles(load256(&b.qs, 32 * j)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) + hsum_ps128(acc_m)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn dot_q5k(w: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    let index = [idx(&K4_IDX[0]), idx(&K4_IDX[1])];
+    let m1 = _mm512_set1_epi8(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for (b, a) in w.iter().zip(y) {
+        let d = a.d * b.d.to_f32();
+        let dmin = -a.d * b.dmin.to_f32();
+        let (sc, mn) = unpack_scales_k4(&b.scales);
+        let prod = mins_dot_bsums(&mn, a);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+        let sc =
+            _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(sc))));
+        // Lower half: bit 2j of qh (high bits of the low nibbles of chunk j); upper half: bit
+        // 2j+1. Each chunk shifts both by 2; 16-bit shifts only bring bits into the top.
+        let qh = load256(&b.qh, 0);
+        let mut hb =
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<1>(qh));
+        let sumi = k4_scaled_sum(sc, a, &index, |j| {
+            let h = _mm512_slli_epi16::<4>(_mm512_and_si512(hb, m1));
+            hb = _mm512_srli_epi16::<2>(hb);
+            _mm512_or_si512(nibbles(load256(&b.qs, 32 * j)), h)
+        });
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) + hsum_ps128(acc_m)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn dot_q6k(w: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
+    let index = [idx(&Q6_IDX[0]), idx(&Q6_IDX[1])];
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m3 = _mm512_set1_epi8(3);
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm256_setzero_ps();
+    for (b, a) in w.iter().zip(y) {
+        let d = a.d * b.d.to_f32();
+        let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(load128(&b.scales, 0)));
+        let mut sumi = _mm512_setzero_si512();
+        for (n, index) in index.iter().enumerate() {
+            // ql[64n..64n+64]: low nibbles are values l and l+32, high nibbles l+64 and l+96.
+            let ql = load512(&b.ql, 64 * n);
+            let qh = load256(&b.qh, 32 * n);
+            let hh =
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+            let h = |s: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(s, m3));
+            let va = _mm512_or_si512(_mm512_and_si512(ql, m4), h(hh));
+            let vb = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                h(_mm512_srli_epi16::<4>(hh)),
+            );
+            let dp0 = _mm512_dpbusd_epi32(zero, va, load512(&a.qs, 128 * n));
+            let dp1 = _mm512_dpbusd_epi32(zero, vb, load512(&a.qs, 128 * n + 64));
+            let packed = _mm512_packs_epi32(dp0, dp1);
+            let sc = _mm512_permutexvar_epi16(*index, scales);
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(packed, sc));
+        }
+        let sumi = _mm256_add_epi32(
+            _mm512_castsi512_si256(sumi),
+            _mm512_extracti64x4_epi64::<1>(sumi),
+        );
+        let sumi = _mm256_sub_epi32(sumi, q6k_offset(b, a));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn dot_q8_0(w: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
+    let zero = _mm256_setzero_si256();
+    let mut acc = _mm256_setzero_ps();
+    for (b, a) in w.iter().zip(y) {
+        let qx = load256(&b.qs, 0);
+        let qy = load256(&a.qs, 0);
+        // |qx| as u8 (128 for -128) times qy with qx's sign.
+        let s = _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+        let d = b.d.to_f32() * a.d.to_f32();
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn dot_q4_0(w: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
+    let zero = _mm256_setzero_si256();
+    let ones = _mm256_set1_epi8(1);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    for (b, a) in w.iter().zip(y) {
+        let raw = load128(&b.qs, 0);
+        let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), m4);
+        let qy = load256(&a.qs, 0);
+        // sum (qx - 8) * qy = sum qx * qy - 8 * sum qy.
+        let p = _mm256_dpbusd_epi32(zero, qx, qy);
+        let sy = _mm256_dpbusd_epi32(zero, ones, qy);
+        let s = _mm256_sub_epi32(p, _mm256_slli_epi32::<3>(sy));
+        let d = b.d.to_f32() * a.d.to_f32();
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let at = i + 16 * k;
+            // SAFETY: at + 16 <= n <= both lengths.
+            let (wv, xv) = unsafe {
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(at).cast())),
+                    _mm512_loadu_ps(x.as_ptr().add(at)),
+                )
+            };
+            *acc = _mm512_fmadd_ps(wv, xv, *acc);
+        }
+        i += 32;
+    }
+    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    for k in i..n {
+        sum += w[k].to_f32() * x[k];
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let at = i + 16 * k;
+            // SAFETY: at + 16 <= n <= both lengths.
+            let (wv, xv) = unsafe {
+                (
+                    _mm512_loadu_ps(w.as_ptr().add(at)),
+                    _mm512_loadu_ps(x.as_ptr().add(at)),
+                )
+            };
+            *acc = _mm512_fmadd_ps(wv, xv, *acc);
+        }
+        i += 32;
+    }
+    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    for k in i..n {
+        sum += w[k] * x[k];
+    }
+    sum
+}
