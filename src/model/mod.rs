@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod kv_cache;
+pub mod linear;
 pub mod phi3;
 pub mod rope;
 pub mod weights;

@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor, D};
 
 use super::config::Config;
 use super::kv_cache::KvCache;
+use super::linear::Linear;
 use super::rope::{use_long_factors, RopeTables};
 use super::weights::WeightLoader;
 use crate::error::{Error, Result};
@@ -20,8 +21,8 @@ use crate::gguf::GgufFile;
 /// Query, key and value projections: fused in one matrix (`attn_qkv`) in Phi-3 files, three
 /// matrices in some converters' output.
 enum QkvProjection {
-    Fused(QMatMul),
-    Split { q: QMatMul, k: QMatMul, v: QMatMul },
+    Fused(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
 }
 
 struct Layer {
@@ -29,13 +30,13 @@ struct Layer {
     attn_norm: Tensor,
     qkv: QkvProjection,
     /// `(embedding_length, head_count * head_dim)`
-    attn_output: QMatMul,
+    attn_output: Linear,
     /// `(embedding_length,)`
     ffn_norm: Tensor,
     /// `(2 * feed_forward_length, embedding_length)`: gate rows, then up rows.
-    ffn_up: QMatMul,
+    ffn_up: Linear,
     /// `(embedding_length, feed_forward_length)`
-    ffn_down: QMatMul,
+    ffn_down: Linear,
 }
 
 /// Most entries (positions × rotated frequency pairs) of the cos/sin tables built at load, each
@@ -54,7 +55,7 @@ pub struct Phi3Model {
     /// `(embedding_length,)`
     output_norm: Tensor,
     /// `(vocab, embedding_length)`; the embedding table itself when the file ties them.
-    output: QMatMul,
+    output: Linear,
     rope: RopeTables,
 }
 
@@ -102,7 +103,7 @@ impl Phi3Model {
         let output = if w.has(names::OUTPUT) {
             w.matmul(names::OUTPUT, n_embd, vocab_size)?
         } else {
-            QMatMul::from_arc(token_embedding.clone())?
+            Linear::new(token_embedding.clone())?
         };
         let output_norm = w.vector_tensor(names::OUTPUT_NORM, n_embd)?;
 
@@ -268,7 +269,7 @@ impl Phi3Model {
         x: &Tensor,
         start: usize,
         mask: Option<&Tensor>,
-        cache: &KvCache,
+        cache: &mut KvCache,
     ) -> Result<Tensor> {
         let c = &self.config;
         let seq = x.dim(0)?;
@@ -298,15 +299,20 @@ impl Phi3Model {
         cache.write(index, &k, &v)?;
 
         let first = self.first_visible(start);
+        let group = c.head_count / c.head_count_kv;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        if seq == 1 {
+            let q = q.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = vec![0f32; q.len()];
+            cache.attend_one(index, &q, first, start + 1, group, scale as f32, &mut out);
+            let out = Tensor::from_vec(out, (1, c.head_count * c.head_dim), &Device::Cpu)?;
+            return layer.attn_output.forward(&out);
+        }
         let (keys, values) = cache.view(index, first, start + seq)?;
         let n_keys = start + seq - first;
         // Grouped-query attention without copying K/V: the `group` query heads sharing one
         // KV head become extra rows of one matmul against it.
-        let group = c.head_count / c.head_count_kv;
         let q = q.reshape((c.head_count_kv, group * seq, c.head_dim))?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let keys = keys.to_dtype(DType::F32)?;
-        let values = values.to_dtype(DType::F32)?;
         let scores = (q.matmul(&keys.t()?)? * scale)?;
         let scores = match mask {
             None => scores,
@@ -321,7 +327,7 @@ impl Phi3Model {
             .reshape((c.head_count, seq, c.head_dim))?
             .transpose(0, 1)?
             .reshape((seq, c.head_count * c.head_dim))?;
-        Ok(layer.attn_output.forward(&out)?)
+        layer.attn_output.forward(&out)
     }
 
     fn feed_forward(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {

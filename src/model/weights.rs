@@ -4,9 +4,10 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
+use super::linear::Linear;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 
@@ -49,8 +50,8 @@ impl<'a> WeightLoader<'a> {
         Ok(Arc::new(QTensor::new(storage, (rows, cols))?))
     }
 
-    pub fn matmul(&self, name: &str, cols: usize, rows: usize) -> Result<QMatMul> {
-        Ok(QMatMul::from_arc(self.qtensor(name, cols, rows)?)?)
+    pub fn matmul(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
+        Linear::new(self.qtensor(name, cols, rows)?)
     }
 
     /// A 1-D float vector (norm weights, RoPE factors), converted to f32.
