@@ -101,7 +101,9 @@ impl Engine {
             Some(source) => ChatTemplate::new(source, &bos, &eos)?,
             None => ChatTemplate::phi3_default(&bos, &eos),
         };
-        let model = pool.install(|| Phi3Model::load(&file, options.context_length))?;
+        // Loaded on the calling thread, so the weights live in its malloc arena, which
+        // `ReleaseMemoryOnDrop` trims when the model goes.
+        let model = Phi3Model::load(&file, options.context_length)?;
         if tokenizer.vocab_size() > model.vocab_size() {
             return Err(Error::unsupported(format!(
                 "the tokenizer has {} tokens but '{}' only {} rows",
