@@ -162,9 +162,7 @@ pub fn gemv_at(
         )));
     }
     if !SUPPORTED.contains(&dtype) {
-        return Err(Error::unsupported(format!(
-            "gemv: weight type {dtype:?} is not supported"
-        )));
+        return Err(unsupported(dtype));
     }
     if x.len() != cols {
         return Err(Error::invalid_argument(format!(
@@ -233,7 +231,8 @@ pub fn gemv_at(
         GgmlDType::Q4_0 => run!(BlockQ4_0, quantize_q8_0(x), dot_q4_0),
         GgmlDType::F16 => run!(f16, x, dot_f16),
         GgmlDType::F32 => run!(f32, x, dot_f32),
-        _ => unreachable!("checked against SUPPORTED above"),
+        // Refused above; an error rather than a panic should the two lists ever disagree.
+        _ => return Err(unsupported(dtype)),
     }
     Ok(())
 }
@@ -255,4 +254,8 @@ fn rows_par<B: Sync, Y: Sync>(
                 *o = dot(&w[r * per_row..(r + 1) * per_row], y);
             }
         });
+}
+
+fn unsupported(dtype: GgmlDType) -> Error {
+    Error::unsupported(format!("gemv: weight type {dtype:?} is not supported"))
 }
