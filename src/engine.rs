@@ -240,6 +240,8 @@ impl Engine {
         prompt: &Prompt,
         params: GenerationParams,
     ) -> Result<Generation> {
+        // Arguments first (Generation::new checks them again, cheaply): no tokenizing for a
+        // call that is going to fail.
         params.validate()?;
         let ids = self.encode_prompt(prompt)?;
         Generation::new(self.clone(), ids, params)

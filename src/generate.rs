@@ -170,10 +170,6 @@ impl Generation {
         &self.stats
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
     /// Does one unit of work: a chunk of the prompt, or one token.
     pub fn step(&mut self) -> Result<Event> {
         if self.finished {

@@ -44,12 +44,6 @@ pub struct TensorInfo {
     pub size_bytes: usize,
 }
 
-impl TensorInfo {
-    pub fn element_count(&self) -> usize {
-        self.dims.iter().product()
-    }
-}
-
 /// Everything before the tensor data, parsed and validated.
 #[derive(Debug, Clone)]
 pub struct GgufHeader {
@@ -132,10 +126,6 @@ impl GgufFile {
     /// The tensor's bytes, in place in the map (bounds were checked when parsing).
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
         &self.mmap[info.offset..info.offset + info.size_bytes]
-    }
-
-    pub fn file_size(&self) -> usize {
-        self.mmap.len()
     }
 }
 

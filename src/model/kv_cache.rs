@@ -61,10 +61,6 @@ impl KvCache {
         self.len == 0
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Makes room for `extra` more positions, growing geometrically so appends stay amortized O(1).
     pub fn reserve(&mut self, extra: usize) -> Result<()> {
         let needed = self.len + extra;
