@@ -82,7 +82,7 @@ impl Engine {
             .build()
             .map_err(|e| Error::invalid_argument(format!("threads: {e}")))?;
 
-        let file = GgufFile::open(path)?;
+        let file = Arc::new(GgufFile::open(path)?);
         let md = file.metadata();
         let tokenizer = match &options.tokenizer {
             Some(json) => Tokenizer::from_tokenizer_json(json)?,
@@ -101,8 +101,9 @@ impl Engine {
             Some(source) => ChatTemplate::new(source, &bos, &eos)?,
             None => ChatTemplate::phi3_default(&bos, &eos),
         };
-        // Loaded on the calling thread, so the weights live in its malloc arena, which
-        // `ReleaseMemoryOnDrop` trims when the model goes.
+        // Loaded on the calling thread, so what is copied (norms, RoPE tables, weights of types
+        // without a kernel of ours) lives in its malloc arena, which `ReleaseMemoryOnDrop` trims
+        // when the model goes.
         let model = Phi3Model::load(&file, options.context_length)?;
         if tokenizer.vocab_size() > model.vocab_size() {
             return Err(Error::unsupported(format!(

@@ -11,6 +11,7 @@
 
 pub mod blocks;
 pub mod reference;
+pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

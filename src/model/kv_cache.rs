@@ -7,6 +7,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::vector;
 
 /// One layer's keys and values, each `[kv_heads][capacity][head_dim]`.
 #[derive(Debug)]
@@ -87,22 +88,23 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes `k` and `v`, `(kv_heads, seq, head_dim)`, at positions `len..len + seq` of `layer`.
+    /// Writes keys and values of positions `len..len + seq` of `layer`: position `s` has its
+    /// `kv_heads * head_dim` keys at `rows[s * stride + k_at..]` and values at `.. + v_at..`.
     /// The length advances once every layer is written, by [`KvCache::advance`].
-    pub fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+    pub fn write(&mut self, layer: usize, rows: &[f32], stride: usize, k_at: usize, v_at: usize) {
         let (d, cap, len) = (self.head_dim, self.capacity, self.len);
-        let seq = k.dim(1)?;
         let cache = &mut self.layers[layer];
-        for (src, dst) in [(k, &mut cache.k), (v, &mut cache.v)] {
-            let src = src.flatten_all()?.to_vec1::<f32>()?;
-            for (h, head) in src.chunks_exact(seq * d).enumerate() {
-                let row = &mut dst[(h * cap + len) * d..][..seq * d];
-                for (o, &x) in row.iter_mut().zip(head) {
-                    *o = f16::from_f32(x);
+        for (s, row) in rows.chunks_exact(stride).enumerate() {
+            for h in 0..self.kv_heads {
+                let at = (h * cap + len + s) * d;
+                for (dst, src) in [(&mut cache.k, k_at), (&mut cache.v, v_at)] {
+                    let src = &row[src + h * d..][..d];
+                    for (o, &x) in dst[at..at + d].iter_mut().zip(src) {
+                        *o = f16::from_f32(x);
+                    }
                 }
             }
         }
-        Ok(())
     }
 
     /// Keys and values for positions `start..end` of `layer`, as f32 tensors
@@ -126,7 +128,8 @@ impl KvCache {
 
     /// Attention of one query position over cached positions `start..end` of `layer`.
     /// `q`: `heads * head_dim` values (rotated), query head `h` reading KV head `h / group`;
-    /// `out`: the same shape. Runs on the caller's rayon pool, one task per query head.
+    /// `out`: the same shape. Runs on the caller's rayon pool, one task per KV head.
+    #[allow(clippy::too_many_arguments)]
     pub fn attend_one(
         &self,
         layer: usize,
@@ -139,28 +142,26 @@ impl KvCache {
     ) {
         let (d, cap) = (self.head_dim, self.capacity);
         let cache = &self.layers[layer];
-        out.par_chunks_mut(d)
-            .zip(q.par_chunks(d))
+        out.par_chunks_mut(group * d)
+            .zip(q.par_chunks(group * d))
             .enumerate()
             .for_each(|(h, (out, q))| {
-                let base = (h / group) * cap;
-                let keys = &cache.k[(base + start) * d..(base + end) * d];
-                let values = &cache.v[(base + start) * d..(base + end) * d];
-                let mut scores: Vec<f32> = keys
-                    .chunks_exact(d)
-                    .map(|k| scale * q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>())
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0.0;
-                for s in &mut scores {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                out.fill(0.0);
-                for (p, v) in scores.iter().zip(values.chunks_exact(d)) {
-                    let w = p / total;
-                    for (o, x) in out.iter_mut().zip(v) {
-                        *o += w * x.to_f32();
+                let keys = &cache.k[(h * cap + start) * d..(h * cap + end) * d];
+                let values = &cache.v[(h * cap + start) * d..(h * cap + end) * d];
+                let mut scores = vec![0f32; end - start];
+                for (out, q) in out.chunks_exact_mut(d).zip(q.chunks_exact(d)) {
+                    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+                        *s = scale * vector::dot_f16(k, q);
+                    }
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0.0;
+                    for s in &mut scores {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    out.fill(0.0);
+                    for (p, v) in scores.iter().zip(values.chunks_exact(d)) {
+                        vector::axpy_f16(p / total, v, out);
                     }
                 }
             });

@@ -1,49 +1,114 @@
-//! A weight matrix and its product with activations: phi3's own GEMV kernels for a single row
-//! (every decode step), candle's quantized matmul for batches (prefill).
+//! A weight matrix and its products with activations.
+//!
+//! Matrices of the types our kernels take stay where they are, in the GGUF file's memory map:
+//! loading copies nothing, and the pages are shared with the page cache. Other types (Q2_K,
+//! Q3_K, Q5_0, BF16, ...) are copied into candle's quantized storage and multiplied by candle.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, TensorInfo};
 use crate::kernels;
 
 pub struct Linear {
-    /// `(rows, cols)`: `rows` outputs of `cols` inputs each.
-    weight: Arc<QTensor>,
-    batched: QMatMul,
     rows: usize,
     cols: usize,
+    storage: Storage,
+}
+
+enum Storage {
+    Mapped {
+        file: Arc<GgufFile>,
+        tensor: TensorInfo,
+    },
+    Candle {
+        tensor: Arc<QTensor>,
+        matmul: QMatMul,
+    },
 }
 
 impl Linear {
-    pub fn new(weight: Arc<QTensor>) -> Result<Self> {
-        let (rows, cols) = weight.shape().dims2()?;
+    /// `tensor` of `file`, already checked to be a `(rows, cols)` matrix (ggml dims `[cols, rows]`).
+    pub fn new(
+        file: &Arc<GgufFile>,
+        tensor: &TensorInfo,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        let storage = if kernels::SUPPORTED.contains(&tensor.dtype) {
+            let align = if tensor.dtype == GgmlDType::F32 { 4 } else { 2 };
+            if (file.tensor_data(tensor).as_ptr() as usize) % align != 0 {
+                return Err(Error::unsupported(format!(
+                    "tensor '{}' starts at offset {}, not aligned to {align} bytes",
+                    tensor.name, tensor.offset
+                )));
+            }
+            Storage::Mapped {
+                file: file.clone(),
+                tensor: tensor.clone(),
+            }
+        } else {
+            let data = QStorage::from_data(
+                Cow::Borrowed(file.tensor_data(tensor)),
+                &Device::Cpu,
+                tensor.dtype,
+            )?;
+            let tensor = Arc::new(QTensor::new(data, (rows, cols))?);
+            Storage::Candle {
+                matmul: QMatMul::from_arc(tensor.clone())?,
+                tensor,
+            }
+        };
         Ok(Self {
-            batched: QMatMul::from_arc(weight.clone())?,
-            weight,
             rows,
             cols,
+            storage,
         })
     }
 
-    /// `x`: `(seq, cols)` → `(seq, rows)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let seq = x.dim(0)?;
-        if seq != 1 || !kernels::SUPPORTED.contains(&self.weight.dtype()) {
-            return Ok(self.batched.forward(x)?);
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `out = x Wᵀ`: `x` is `n` rows of `cols` values, `out` `n` rows of `rows` values.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+        match &self.storage {
+            Storage::Mapped { file, tensor } => {
+                let weights = file.tensor_data(tensor);
+                let (rows, cols, dtype) = (self.rows, self.cols, tensor.dtype);
+                for (x, out) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rows)).take(n) {
+                    kernels::gemv(dtype, weights, rows, cols, x, out)?;
+                }
+                Ok(())
+            }
+            Storage::Candle { matmul, .. } => {
+                let x = Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?;
+                let y = matmul.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+                out.copy_from_slice(&y);
+                Ok(())
+            }
         }
-        let input = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; self.rows];
-        kernels::gemv(
-            self.weight.dtype(),
-            &self.weight.data()?,
-            self.rows,
-            self.cols,
-            &input,
-            &mut out,
-        )?;
-        Ok(Tensor::from_vec(out, (1, self.rows), &Device::Cpu)?)
+    }
+
+    /// Row `row` of the matrix, dequantized into `out` (`cols` values): an embedding lookup.
+    pub fn row(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        let values = match &self.storage {
+            Storage::Mapped { file, tensor } => {
+                let row_bytes = tensor.size_bytes / self.rows;
+                let bytes = &file.tensor_data(tensor)[row * row_bytes..][..row_bytes];
+                let data = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, tensor.dtype)?;
+                QTensor::new(data, self.cols)?.dequantize(&Device::Cpu)?
+            }
+            Storage::Candle { tensor, .. } => {
+                let id = Tensor::new(&[row as u32], &Device::Cpu)?;
+                tensor.embedding(&id)?.flatten_all()?
+            }
+        };
+        out.copy_from_slice(&values.to_vec1::<f32>()?);
+        Ok(())
     }
 }

@@ -1,13 +1,13 @@
-//! The Phi-3 forward pass over candle tensors. The weights are immutable and shared by every
-//! generation; each generation brings its own [`KvCache`].
+//! The Phi-3 forward pass over plain f32 buffers. The weights are immutable, left in the GGUF
+//! file's memory map and shared by every generation; each generation brings its own [`KvCache`].
 //!
 //! Per layer: `x += attn_output(attention(rope(qkv(rms_norm(x)))))`, then
 //! `x += ffn_down(silu(gate) * up)` with `[gate, up] = ffn_up(rms_norm(x))`.
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use super::config::Config;
 use super::kv_cache::KvCache;
@@ -27,12 +27,12 @@ enum QkvProjection {
 
 struct Layer {
     /// `(embedding_length,)`
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     qkv: QkvProjection,
     /// `(embedding_length, head_count * head_dim)`
     attn_output: Linear,
     /// `(embedding_length,)`
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     /// `(2 * feed_forward_length, embedding_length)`: gate rows, then up rows.
     ffn_up: Linear,
     /// `(embedding_length, feed_forward_length)`
@@ -44,25 +44,42 @@ struct Layer {
 /// full context. A file alone cannot make `load` allocate more.
 const MAX_ROPE_TABLE_ENTRIES: usize = 1 << 24;
 
+/// Rows per rayon task in the element-wise steps of a prefill.
+const ROWS_PER_TASK: usize = 16;
+
 pub struct Phi3Model {
     config: Config,
     /// Positions this instance serves (its KV caches and RoPE tables never exceed it).
     context_length: usize,
     vocab_size: usize,
     /// `(vocab, embedding_length)`, looked up row by row without dequantizing the table.
-    token_embedding: Arc<QTensor>,
+    token_embedding: Arc<Linear>,
     layers: Vec<Layer>,
     /// `(embedding_length,)`
-    output_norm: Tensor,
+    output_norm: Vec<f32>,
     /// `(vocab, embedding_length)`; the embedding table itself when the file ties them.
-    output: Linear,
+    output: Arc<Linear>,
     rope: RopeTables,
+}
+
+/// One forward call's activations, `seq` rows each.
+struct Buffers {
+    /// The residual stream.
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    /// Queries, keys, values side by side.
+    qkv: Vec<f32>,
+    attention: Vec<f32>,
+    projected: Vec<f32>,
+    /// Gate rows then up rows, per position.
+    up: Vec<f32>,
+    gated: Vec<f32>,
 }
 
 impl Phi3Model {
     /// Builds the model from `file`, for contexts of up to `context_length` positions
     /// (default: the original training context, which selects LongRoPE's short factors).
-    pub fn load(file: &GgufFile, context_length: Option<usize>) -> Result<Self> {
+    pub fn load(file: &Arc<GgufFile>, context_length: Option<usize>) -> Result<Self> {
         let config = Config::from_metadata(file.metadata())?;
         let context_length = match context_length {
             None => config.original_context_length.min(config.context_length),
@@ -99,13 +116,13 @@ impl Phi3Model {
                 )))
             }
         };
-        let token_embedding = w.qtensor(names::TOKEN_EMBD, n_embd, vocab_size)?;
+        let token_embedding = Arc::new(w.matmul(names::TOKEN_EMBD, n_embd, vocab_size)?);
         let output = if w.has(names::OUTPUT) {
-            w.matmul(names::OUTPUT, n_embd, vocab_size)?
+            Arc::new(w.matmul(names::OUTPUT, n_embd, vocab_size)?)
         } else {
-            Linear::new(token_embedding.clone())?
+            token_embedding.clone()
         };
-        let output_norm = w.vector_tensor(names::OUTPUT_NORM, n_embd)?;
+        let output_norm = w.vector(names::OUTPUT_NORM, n_embd)?;
 
         let q_width = config.head_count * config.head_dim;
         let kv_width = config.kv_width();
@@ -127,10 +144,10 @@ impl Phi3Model {
                     }
                 };
                 Ok(Layer {
-                    attn_norm: w.vector_tensor(&name(names::ATTN_NORM), n_embd)?,
+                    attn_norm: w.vector(&name(names::ATTN_NORM), n_embd)?,
                     qkv,
                     attn_output: w.matmul(&name(names::ATTN_OUTPUT), q_width, n_embd)?,
-                    ffn_norm: w.vector_tensor(&name(names::FFN_NORM), n_embd)?,
+                    ffn_norm: w.vector(&name(names::FFN_NORM), n_embd)?,
                     ffn_up: w.matmul(&name(names::FFN_UP), n_embd, 2 * n_ff)?,
                     ffn_down: w.matmul(&name(names::FFN_DOWN), n_ff, n_embd)?,
                 })
@@ -154,7 +171,10 @@ impl Phi3Model {
         } else {
             None
         };
-        let rope = RopeTables::new(&config, factors.as_deref(), context_length)?;
+        let rope = RopeTables::new(&config, factors.as_deref(), context_length);
+        // Everything checked: map the weights in now rather than one page fault at a time
+        // during the first prompt.
+        file.prefetch_tensor_data();
 
         Ok(Self {
             config,
@@ -213,23 +233,36 @@ impl Phi3Model {
             )));
         }
         cache.reserve(seq)?;
-        let ids = Tensor::from_slice(tokens, seq, &Device::Cpu)?;
-        let mut x = self.token_embedding.embedding(&ids)?;
-        let mask = self.attention_mask(start, seq)?;
-        let eps = self.config.rms_eps;
+        let c = &self.config;
+        let n_embd = c.embedding_length;
+        let rows = |width: usize| vec![0f32; seq * width];
+        let mut b = Buffers {
+            x: rows(n_embd),
+            normed: rows(n_embd),
+            qkv: rows(c.qkv_width()),
+            attention: rows(c.head_count * c.head_dim),
+            projected: rows(n_embd),
+            up: rows(2 * c.feed_forward_length),
+            gated: rows(c.feed_forward_length),
+        };
+        for (row, &token) in b.x.chunks_exact_mut(n_embd).zip(tokens) {
+            self.token_embedding.row(token as usize, row)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let h = self.attention(i, layer, &h, start, mask.as_ref(), cache)?;
-            x = (x + h)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let h = self.feed_forward(layer, &h)?;
-            x = (x + h)?;
+            rms_norm(&b.x, &layer.attn_norm, c.rms_eps, &mut b.normed);
+            self.attention(i, layer, start, cache, &mut b)?;
+            add(&mut b.x, &b.projected);
+            rms_norm(&b.x, &layer.ffn_norm, c.rms_eps, &mut b.normed);
+            self.feed_forward(layer, seq, &mut b)?;
+            add(&mut b.x, &b.projected);
         }
         cache.advance(seq);
-        let last = x.narrow(0, seq - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.output_norm, eps)?;
-        let logits = self.output.forward(&last)?.squeeze(0)?;
-        Ok(logits.to_vec1::<f32>()?)
+        let last = &b.x[(seq - 1) * n_embd..];
+        let mut normed = vec![0f32; n_embd];
+        rms_norm(last, &self.output_norm, c.rms_eps, &mut normed);
+        let mut logits = vec![0f32; self.vocab_size];
+        self.output.forward(&normed, 1, &mut logits)?;
+        Ok(logits)
     }
 
     /// First cached position that the batch starting at `start` may attend to.
@@ -240,12 +273,107 @@ impl Phi3Model {
         }
     }
 
-    /// `(seq, keys)` additive mask: causal, and within the sliding window. `None` when every
-    /// key is visible to every query (a single decode step).
-    fn attention_mask(&self, start: usize, seq: usize) -> Result<Option<Tensor>> {
-        if seq == 1 {
-            return Ok(None);
+    /// `b.normed` → `b.projected`, through the cache of layer `index`.
+    fn attention(
+        &self,
+        index: usize,
+        layer: &Layer,
+        start: usize,
+        cache: &mut KvCache,
+        b: &mut Buffers,
+    ) -> Result<()> {
+        let c = &self.config;
+        let seq = b.x.len() / c.embedding_length;
+        let (d, q_width, kv_width) = (c.head_dim, c.head_count * c.head_dim, c.kv_width());
+        let width = c.qkv_width();
+        match &layer.qkv {
+            QkvProjection::Fused(qkv) => qkv.forward(&b.normed, seq, &mut b.qkv)?,
+            QkvProjection::Split { q, k, v } => {
+                for (proj, at, len) in [
+                    (q, 0, q_width),
+                    (k, q_width, kv_width),
+                    (v, q_width + kv_width, kv_width),
+                ] {
+                    let mut part = vec![0f32; seq * len];
+                    proj.forward(&b.normed, seq, &mut part)?;
+                    for (row, part) in b.qkv.chunks_exact_mut(width).zip(part.chunks_exact(len)) {
+                        row[at..at + len].copy_from_slice(part);
+                    }
+                }
+            }
         }
+        for (s, row) in b.qkv.chunks_exact_mut(width).enumerate() {
+            self.rope
+                .apply(&mut row[..q_width + kv_width], d, start + s);
+        }
+        cache.write(index, &b.qkv, width, q_width, q_width + kv_width);
+
+        let first = self.first_visible(start);
+        let end = start + seq;
+        let group = c.head_count / c.head_count_kv;
+        let scale = 1.0 / (d as f32).sqrt();
+        if seq == 1 {
+            cache.attend_one(
+                index,
+                &b.qkv[..q_width],
+                first,
+                end,
+                group,
+                scale,
+                &mut b.attention,
+            );
+        } else {
+            self.attend_batch(index, cache, start, seq, b)?;
+        }
+        layer
+            .attn_output
+            .forward(&b.attention, seq, &mut b.projected)
+    }
+
+    /// Causal attention of `seq` new positions (queries in `b.qkv`) over the cache, as batched
+    /// matmuls: the `group` query heads sharing one KV head become rows of one product with it.
+    fn attend_batch(
+        &self,
+        index: usize,
+        cache: &KvCache,
+        start: usize,
+        seq: usize,
+        b: &mut Buffers,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (d, heads, kv_heads) = (c.head_dim, c.head_count, c.head_count_kv);
+        let group = heads / kv_heads;
+        let width = c.qkv_width();
+        let first = self.first_visible(start);
+        let n_keys = start + seq - first;
+        // (kv_heads, group * seq, d): row g * seq + s of KV head h is query head h * group + g
+        // at position s.
+        let mut q = vec![0f32; heads * seq * d];
+        for (s, row) in b.qkv.chunks_exact(width).enumerate() {
+            for head in 0..heads {
+                q[(head * seq + s) * d..][..d].copy_from_slice(&row[head * d..][..d]);
+            }
+        }
+        let q = Tensor::from_vec(q, (kv_heads, group * seq, d), &Device::Cpu)?;
+        let (keys, values) = cache.view(index, first, start + seq)?;
+        let scores = (q.matmul(&keys.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let mask = self.attention_mask(start, seq)?;
+        let scores = scores
+            .reshape((kv_heads, group, seq, n_keys))?
+            .broadcast_add(&mask)?
+            .reshape((kv_heads, group * seq, n_keys))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&values)?.flatten_all()?.to_vec1::<f32>()?;
+        for (head, rows) in out.chunks_exact(seq * d).enumerate() {
+            for (s, r) in rows.chunks_exact(d).enumerate() {
+                b.attention[(s * heads + head) * d..][..d].copy_from_slice(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// `(seq, keys)` additive mask: causal, and within the sliding window.
+    fn attention_mask(&self, start: usize, seq: usize) -> Result<Tensor> {
         let first = self.first_visible(start);
         let keys = start + seq - first;
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
@@ -259,84 +387,47 @@ impl Phi3Model {
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(mask, (seq, keys), &Device::Cpu)?))
+        Ok(Tensor::from_vec(mask, (seq, keys), &Device::Cpu)?)
     }
 
-    fn attention(
-        &self,
-        index: usize,
-        layer: &Layer,
-        x: &Tensor,
-        start: usize,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let seq = x.dim(0)?;
-        let (q, k, v) = match &layer.qkv {
-            QkvProjection::Fused(qkv) => {
-                let qkv = qkv.forward(x)?;
-                let q_width = c.head_count * c.head_dim;
-                (
-                    qkv.narrow(D::Minus1, 0, q_width)?,
-                    qkv.narrow(D::Minus1, q_width, c.kv_width())?,
-                    qkv.narrow(D::Minus1, q_width + c.kv_width(), c.kv_width())?,
-                )
-            }
-            QkvProjection::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
-        };
-        let q = q.reshape((1, seq, c.head_count, c.head_dim))?;
-        let k = k.reshape((1, seq, c.head_count_kv, c.head_dim))?;
-        let q = self.rope.apply(&q, start, c.rope_dim)?;
-        let k = self.rope.apply(&k, start, c.rope_dim)?;
-        // (heads, seq, head_dim)
-        let q = q.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-        let k = k.squeeze(0)?.transpose(0, 1)?.contiguous()?;
-        let v = v
-            .reshape((seq, c.head_count_kv, c.head_dim))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        cache.write(index, &k, &v)?;
-
-        let first = self.first_visible(start);
-        let group = c.head_count / c.head_count_kv;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        if seq == 1 {
-            let q = q.flatten_all()?.to_vec1::<f32>()?;
-            let mut out = vec![0f32; q.len()];
-            cache.attend_one(index, &q, first, start + 1, group, scale as f32, &mut out);
-            let out = Tensor::from_vec(out, (1, c.head_count * c.head_dim), &Device::Cpu)?;
-            return layer.attn_output.forward(&out);
-        }
-        let (keys, values) = cache.view(index, first, start + seq)?;
-        let n_keys = start + seq - first;
-        // Grouped-query attention without copying K/V: the `group` query heads sharing one
-        // KV head become extra rows of one matmul against it.
-        let q = q.reshape((c.head_count_kv, group * seq, c.head_dim))?;
-        let scores = (q.matmul(&keys.t()?)? * scale)?;
-        let scores = match mask {
-            None => scores,
-            Some(mask) => scores
-                .reshape((c.head_count_kv, group, seq, n_keys))?
-                .broadcast_add(mask)?
-                .reshape((c.head_count_kv, group * seq, n_keys))?,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values)?;
-        let out = out
-            .reshape((c.head_count, seq, c.head_dim))?
-            .transpose(0, 1)?
-            .reshape((seq, c.head_count * c.head_dim))?;
-        layer.attn_output.forward(&out)
-    }
-
-    fn feed_forward(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+    /// `b.normed` → `b.projected`.
+    fn feed_forward(&self, layer: &Layer, seq: usize, b: &mut Buffers) -> Result<()> {
         let n_ff = self.config.feed_forward_length;
-        let up = layer.ffn_up.forward(x)?;
-        let gate = up.narrow(D::Minus1, 0, n_ff)?;
-        let up = up.narrow(D::Minus1, n_ff, n_ff)?;
-        let h = (candle_nn::ops::silu(&gate)? * up)?;
-        Ok(layer.ffn_down.forward(&h)?)
+        layer.ffn_up.forward(&b.normed, seq, &mut b.up)?;
+        let gate_up = |(out, up): (&mut [f32], &[f32])| {
+            let (gate, up) = up.split_at(n_ff);
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        };
+        if seq == 1 {
+            gate_up((&mut b.gated, &b.up));
+        } else {
+            b.gated
+                .par_chunks_mut(n_ff)
+                .zip(b.up.par_chunks(2 * n_ff))
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(gate_up);
+        }
+        layer.ffn_down.forward(&b.gated, seq, &mut b.projected)
+    }
+}
+
+/// RMS norm of each `weight.len()`-long row of `x`, times `weight`, into `out`.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (row, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let scale = 1.0 / (mean_square + eps).sqrt();
+        for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
+            *o = v * scale * w;
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }
 
@@ -358,7 +449,7 @@ mod tests {
 
     fn check_against(model_file: &str, reference_file: &str, context_length: Option<usize>) {
         let file = GgufFile::open(fixture(model_file)).unwrap();
-        let model = Phi3Model::load(&file, context_length).unwrap();
+        let model = Phi3Model::load(&Arc::new(file), context_length).unwrap();
         let refs = reference(reference_file);
         for case in refs["cases"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
@@ -432,7 +523,7 @@ mod tests {
     #[test]
     fn sliding_window_matches_transformers() {
         let file = GgufFile::open(fixture("tiny-phi3-haiku-q8_0.gguf")).unwrap();
-        let model = Phi3Model::load(&file, None).unwrap();
+        let model = Phi3Model::load(&Arc::new(file), None).unwrap();
         let refs = reference("tiny-phi3-haiku-long-prompt.transformers.json");
         let prompt = ids(&refs["prompt_ids"]);
         let mut cache = model.new_cache(prompt.len()).unwrap();

@@ -1,10 +1,7 @@
 //! Rotary position embeddings: plain RoPE, LongRoPE (per-frequency factors and a cos/sin
 //! scale) and partial rotary (only the first `rope_dim` dimensions of each head turn).
 
-use candle_core::{Device, Tensor};
-
 use super::config::Config;
-use crate::error::Result;
 
 /// Which LongRoPE factors a context length calls for. llama.cpp's rule, which we follow: the
 /// short factors while the context in use fits the original training context, the long ones past it.
@@ -12,17 +9,18 @@ pub fn use_long_factors(config: &Config, context_in_use: usize) -> bool {
     context_in_use > config.original_context_length
 }
 
-/// cos/sin tables, `(positions, rope_dim / 2)` each, in the "NeoX" layout (dimension `i` pairs
+/// cos/sin tables, `positions x rope_dim / 2` each, in the "NeoX" layout (dimension `i` pairs
 /// with `i + rope_dim / 2`), as Phi models rotate.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
-    pub cos: Tensor,
-    pub sin: Tensor,
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl RopeTables {
     /// `factors`: LongRoPE's per-frequency divisors (`rope_dim / 2` of them), if the model has them.
-    pub fn new(config: &Config, factors: Option<&[f32]>, positions: usize) -> Result<Self> {
+    pub fn new(config: &Config, factors: Option<&[f32]>, positions: usize) -> Self {
         let half = config.rope_dim / 2;
         let base = f64::from(config.rope_freq_base);
         let inv_freq: Vec<f64> = (0..half)
@@ -41,27 +39,22 @@ impl RopeTables {
                 sin.push((theta.sin() * scale) as f32);
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (positions, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (positions, half), &Device::Cpu)?,
-        })
+        Self { half, cos, sin }
     }
 
-    /// Rotates `x` of shape `(1, seq, heads, head_dim)` for positions `start..start + seq`.
-    pub fn apply(&self, x: &Tensor, start: usize, rope_dim: usize) -> Result<Tensor> {
-        let (_, seq, _, head_dim) = x.dims4()?;
-        let cos = self.cos.narrow(0, start, seq)?;
-        let sin = self.sin.narrow(0, start, seq)?;
-        if rope_dim == head_dim {
-            return Ok(candle_nn::rotary_emb::rope_thd(
-                &x.contiguous()?,
-                &cos,
-                &sin,
-            )?);
+    /// Rotates the first `rope_dim` dimensions of each `head_dim`-long head in `heads` (one
+    /// position's heads, back to back) for position `pos`.
+    pub fn apply(&self, heads: &mut [f32], head_dim: usize, pos: usize) {
+        let half = self.half;
+        let cos = &self.cos[pos * half..][..half];
+        let sin = &self.sin[pos * half..][..half];
+        for head in heads.chunks_exact_mut(head_dim) {
+            let (first, second) = head[..2 * half].split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (first[i], second[i]);
+                first[i] = a * cos[i] - b * sin[i];
+                second[i] = a * sin[i] + b * cos[i];
+            }
         }
-        let rotated = x.narrow(3, 0, rope_dim)?.contiguous()?;
-        let rotated = candle_nn::rotary_emb::rope_thd(&rotated, &cos, &sin)?;
-        let passed = x.narrow(3, rope_dim, head_dim - rope_dim)?;
-        Ok(Tensor::cat(&[&rotated, &passed], 3)?)
     }
 }

@@ -1,22 +1,20 @@
-//! Turns a GGUF file's tensors into candle tensors, checking each one's presence, type and
-//! shape against the hyper-parameters first.
+//! Finds a GGUF file's tensors for the model, checking each one's presence, type and shape
+//! against the hyper-parameters first.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
 
 use super::linear::Linear;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 
 pub struct WeightLoader<'a> {
-    file: &'a GgufFile,
+    file: &'a Arc<GgufFile>,
 }
 
 impl<'a> WeightLoader<'a> {
-    pub fn new(file: &'a GgufFile) -> Self {
+    pub fn new(file: &'a Arc<GgufFile>) -> Self {
         Self { file }
     }
 
@@ -40,18 +38,9 @@ impl<'a> WeightLoader<'a> {
     }
 
     /// A quantized (or float) matrix of `rows` outputs by `cols` inputs.
-    pub fn qtensor(&self, name: &str, cols: usize, rows: usize) -> Result<Arc<QTensor>> {
-        let info = self.info(name, &[cols, rows])?;
-        let storage = QStorage::from_data(
-            Cow::Borrowed(self.file.tensor_data(info)),
-            &Device::Cpu,
-            info.dtype,
-        )?;
-        Ok(Arc::new(QTensor::new(storage, (rows, cols))?))
-    }
-
     pub fn matmul(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
-        Linear::new(self.qtensor(name, cols, rows)?)
+        let info = self.info(name, &[cols, rows])?;
+        Linear::new(self.file, info, rows, cols)
     }
 
     /// A 1-D float vector (norm weights, RoPE factors), converted to f32.
@@ -83,13 +72,5 @@ impl<'a> WeightLoader<'a> {
             )));
         }
         Ok(values)
-    }
-
-    pub fn vector_tensor(&self, name: &str, len: usize) -> Result<Tensor> {
-        Ok(Tensor::from_vec(
-            self.vector(name, len)?,
-            len,
-            &Device::Cpu,
-        )?)
     }
 }
