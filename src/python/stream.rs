@@ -58,11 +58,12 @@ impl From<&Stats> for PyStats {
 impl PyStats {
     fn __repr__(&self) -> String {
         format!(
-            "Stats(prompt_tokens={}, generated_tokens={}, finish_reason={:?}, \
+            "Stats(prompt_tokens={}, generated_tokens={}, finish_reason={}, \
              time_to_first_token_s={:.4}, prefill_tokens_per_s={:.2}, decode_tokens_per_s={:.2})",
             self.prompt_tokens,
             self.generated_tokens,
-            self.finish_reason,
+            self.finish_reason
+                .map_or_else(|| "None".to_string(), |r| format!("'{r}'")),
             self.time_to_first_token_s,
             self.prefill_tokens_per_s,
             self.decode_tokens_per_s
