@@ -9,6 +9,14 @@ tokens/s for a 512-token prompt in one batch, decode tokens/s over 128 greedy to
 first token for a ~20-token chat prompt, and peak RSS. llama.cpp runs through
 `../shared/tools/llamacpp-bench.py` when `llama_cpp` is importable (both with its weight
 repacking, its default, and without), and the table gives phi3's ratio to the better of the two.
+
+    python benchmarks/bench.py MODEL.gguf --levels
+
+measures phi3 alone once per kernel level this CPU has (`PHI3_CPU` set for each run's process).
+`--python` names the interpreter whose phi3 is measured, and may be repeated to compare builds,
+e.g. the published wheel with a `-C target-cpu=native` build of the same code (README, "CPUs"):
+
+    python benchmarks/bench.py MODEL.gguf --levels --python .venv/bin/python --python /tmp/native/bin/python
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ def warm_page_cache(path: str) -> None:
 
 
 def measure_phi3(model: str, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
-    from phi3 import Phi3, __version__
+    from phi3 import Phi3, __version__, cpu_info
 
     warm_page_cache(model)
     t0 = time.perf_counter()
@@ -60,8 +68,11 @@ def measure_phi3(model: str, threads: int, prompt_tokens: int, decode_tokens: in
         pass
     stats = stream.stats
 
+    info = cpu_info()
     return {
         "engine": f"phi3 {__version__}",
+        "build": info["baseline"],
+        "kernels": info["level"],
         "model": os.path.basename(model),
         "threads": threads,
         "load_s": round(load_s, 3),
@@ -75,8 +86,8 @@ def measure_phi3(model: str, threads: int, prompt_tokens: int, decode_tokens: in
     }
 
 
-def run_json(cmd: list[str]) -> Optional[dict[str, Any]]:
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def run_json(cmd: list[str], env: Optional[dict[str, str]] = None) -> Optional[dict[str, Any]]:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         print(f"bench: {' '.join(cmd[:3])} failed:\n{r.stderr.strip()}", file=sys.stderr)
         return None
@@ -97,10 +108,17 @@ ROWS = [
 ]
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    phi3 = results[0]
-    others = results[1:]
-    head = ["", *[r["engine"] + (" no-repack" if r.get("no_repack") else "") for r in results]]
+def engine_label(r: dict[str, Any]) -> str:
+    if "build" in r:
+        return f"{r['engine']} ({r['build']}, {r['kernels']})"
+    return str(r["engine"]) + (" no-repack" if r.get("no_repack") else "")
+
+
+def table(phi3_results: list[dict[str, Any]], others: list[dict[str, Any]]) -> str:
+    """Engines side by side, with the first phi3's ratio to the best llama.cpp run on each row."""
+    results = phi3_results + others
+    phi3 = phi3_results[0]
+    head = ["", *[engine_label(r) for r in results]]
     if others:
         head.append("phi3 / best llama.cpp")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -115,6 +133,33 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def level_table(results: list[dict[str, Any]]) -> str:
+    """A row per (build, kernel level)."""
+    head = ["phi3 (interpreter)", "build", "kernels", *[label for label, _, _ in ROWS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["python"], r["build"], r["kernels"], *[str(r[key]) for _, key, _ in ROWS]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def measure_levels(pythons: list[str], model: str, common: list[str]) -> list[dict[str, Any]]:
+    """phi3 under each interpreter, once per kernel level this CPU has, each run in a process of
+    its own with PHI3_CPU set (the level is chosen once per process)."""
+    results = []
+    for python in pythons:
+        info = run_json([python, "-c", "import json, phi3; print(json.dumps(phi3.cpu_info()))"])
+        if info is None:
+            sys.exit(1)
+        for level in info["available_levels"]:
+            r = run_json([python, __file__, model, *common, "--json"], env={**os.environ, "PHI3_CPU": level})
+            if r is None:
+                sys.exit(1)
+            r["python"] = python
+            results.append(r)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
@@ -122,6 +167,15 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--phi3-only", action="store_true", help="skip llama.cpp")
+    p.add_argument(
+        "--levels", action="store_true", help="phi3 alone, once per kernel level this CPU has (PHI3_CPU per run)"
+    )
+    p.add_argument(
+        "--python",
+        action="append",
+        metavar="PYTHON",
+        help="an interpreter whose phi3 to measure (repeatable, to compare builds; default: this one)",
+    )
     p.add_argument("--json", action="store_true", help="(internal) measure phi3 in this process")
     a = p.parse_args()
 
@@ -131,21 +185,29 @@ def main() -> None:
 
     common = ["--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
               "--decode-tokens", str(a.decode_tokens)]
-    results = []
-    phi3 = run_json([sys.executable, __file__, a.model, *common, "--json"])
-    if phi3 is None:
-        sys.exit(1)
-    results.append(phi3)
+    pythons = a.python or [sys.executable]
+    if a.levels:
+        results = measure_levels(pythons, a.model, common)
+        print(f"{os.path.basename(a.model)}, {a.threads} threads")
+        print(level_table(results))
+        return
+    phi3_results = []
+    for python in pythons:
+        phi3 = run_json([python, __file__, a.model, *common, "--json"])
+        if phi3 is None:
+            sys.exit(1)
+        phi3_results.append(phi3)
+    others = []
     if not a.phi3_only and llamacpp_available():
         for extra in ([], ["--no-repack"]):
             r = run_json([sys.executable, str(LLAMACPP_BENCH), a.model, *common, *extra, "--json"])
             if r is not None:
                 r["no_repack"] = bool(extra)
-                results.append(r)
+                others.append(r)
     elif not a.phi3_only:
         print("bench: llama_cpp is not installed: phi3 alone", file=sys.stderr)
     print(f"{os.path.basename(a.model)}, {a.threads} threads")
-    print(table(results))
+    print(table(phi3_results, others))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 
@@ -12,13 +14,17 @@ HOCKEY_ANSWER = (
 )
 
 
-def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def run(*args: str, stdin: str = "", phi3_cpu: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PHI3_CPU"}
+    if phi3_cpu is not None:
+        env["PHI3_CPU"] = phi3_cpu
     return subprocess.run(
         [sys.executable, "-m", "phi3", *args],
         input=stdin,
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
 
 
@@ -82,6 +88,11 @@ def test_errors_are_one_line(haiku_path: str, args: list[str], message: str) -> 
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_version() -> None:
+def test_version_says_which_kernels_and_why() -> None:
     r = run("--version")
-    assert r.returncode == 0 and r.stdout.startswith("phi3 ")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("phi3 ")
+    assert lines[1].startswith("kernels: ") and lines[2].startswith("build: ") and lines[3].startswith("CPU: ")
+    r = run("--version", phi3_cpu="scalar")
+    assert 'kernels: scalar, as PHI3_CPU="scalar" asks' in r.stdout

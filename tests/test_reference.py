@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conftest import HAIKU_MODELS, load, reference
+from conftest import HAIKU_MODELS, load, prompt_of, reference
 from phi3 import Token
 
 CASES = [(m, case) for m in HAIKU_MODELS for case in reference(m)["cases"]]
@@ -17,17 +17,6 @@ def case_id(param: Any) -> str:
     if isinstance(param, str):
         return param.split("-q")[-1].replace(".gguf", "")
     return str(param["name"])
-
-
-def prompt_of(case: dict[str, Any]) -> tuple[Any, bool]:
-    """The prompt as a user passes it, and whether it is raw."""
-    if "text" in case:
-        return case["text"], False
-    if "messages" in case:
-        return case["messages"], False
-    if "raw" in case:
-        return case["raw"], True
-    return case["ids"], False
 
 
 @pytest.mark.parametrize("model_file,case", CASES, ids=case_id)

@@ -7,9 +7,17 @@ on the CPU, streamed token by token.
     ...     print(piece, end="", flush=True)
 
 The engine is written in Rust (``phi3._core``); this package re-exports it with types.
+``phi3.cpu_info()`` says which kernels it runs on this CPU, and why.
 """
 
-from phi3._core import (
+import warnings
+
+from phi3._cpu import CpuInfo, CpuOverride, Level, check_baseline
+
+# Before the native module: below its baseline it would die of SIGILL instead of raising.
+check_baseline()
+
+from phi3._core import (  # noqa: E402
     ChatTemplateError,
     ContextLengthError,
     DownloadError,
@@ -21,12 +29,23 @@ from phi3._core import (
     Token,
     TokenizerError,
     __version__,
+    cpu_info,
 )
+
+# cpu_info() also fixes the kernel level for the process, so PHI3_CPU is read now, at import;
+# a value that is not a level would otherwise go unnoticed.
+_override = cpu_info()["override"]
+if _override is not None and _override["status"] == "invalid":
+    warnings.warn(f"phi3: {cpu_info()['reason']}", RuntimeWarning, stacklevel=2)
+del _override
 
 __all__ = [
     "ChatTemplateError",
     "ContextLengthError",
+    "CpuInfo",
+    "CpuOverride",
     "DownloadError",
+    "Level",
     "ModelFileError",
     "Phi3",
     "Phi3Error",
@@ -35,4 +54,5 @@ __all__ = [
     "Token",
     "TokenizerError",
     "__version__",
+    "cpu_info",
 ]

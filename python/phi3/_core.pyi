@@ -5,7 +5,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Literal, Optional, Union, overload
 
+from phi3._cpu import CpuInfo
+
 __version__: str
+
+def cpu_info() -> CpuInfo:
+    """Which kernels phi3 uses on this CPU and why: the level in use and the reason, the CPU's
+    own level, the ``PHI3_CPU`` override and how it was taken, the build's baseline and the CPU
+    features seen. Gathered once per process, together with the choice of kernels."""
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message], Sequence[int]]

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from phi3._core import Phi3, Phi3Error, Stream, __version__
+from phi3._core import Phi3, Phi3Error, Stream, __version__, cpu_info
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +34,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--context-length", type=int)
     p.add_argument("--stats", action="store_true", help="print a one-line speed summary on stderr")
-    p.add_argument("--version", action="version", version=f"phi3 {__version__}")
+    p.add_argument(
+        "--version", action="store_true", help="print the version and the CPU kernels in use, then exit"
+    )
     return p
+
+
+def version_text() -> str:
+    """The version, and which kernels run on this CPU and why (what a bug report needs)."""
+    info = cpu_info()
+    has = [f for f, present in info["features"].items() if present]
+    lacks = [f for f, present in info["features"].items() if not present]
+    cpu = " ".join(has) + (f"; lacks {' '.join(lacks)}" if lacks else "")
+    if info["amx_claimed"]:
+        cpu += "; claims AMX (not used by phi3's kernels)"
+    return "\n".join(
+        [
+            f"phi3 {__version__}",
+            f"kernels: {info['reason']}",
+            f"build: {info['baseline']} ({info['arch']}, {info['os']})",
+            f"CPU: {cpu}",
+        ]
+    )
 
 
 def _print_stream(stream: Stream) -> str:
@@ -86,6 +106,9 @@ def _chat(model: Phi3, args: argparse.Namespace, options: dict[str, Any]) -> Non
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.version:
+        print(version_text())
+        return 0
     try:
         model = Phi3(
             args.model,

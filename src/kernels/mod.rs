@@ -10,6 +10,7 @@
 //! `ThreadPool::install` decides the threads.
 
 pub mod blocks;
+pub mod cpu_info;
 pub mod reference;
 pub mod vector;
 #[cfg(target_arch = "x86_64")]

@@ -2,6 +2,7 @@
 //! the GIL, catches panics, and turns engine errors into the exception classes of `errors.rs`.
 
 mod convert;
+mod cpu;
 mod errors;
 mod model;
 mod stream;
@@ -11,6 +12,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(cpu::cpu_info, m)?)?;
     m.add_class::<model::PyPhi3>()?;
     m.add_class::<stream::PyStream>()?;
     m.add_class::<stream::PyToken>()?;
