@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMACPP_BENCH = ROOT.parent / "shared" / "tools" / "llamacpp-bench.py"
+TINY_MODEL = ROOT.parent / "shared" / "fixtures" / "tiny-phi3-haiku-q4_k_m.gguf"
 CHAT = "Write a haiku about ice hockey, please."
 
 
@@ -42,12 +43,14 @@ def warm_page_cache(path: str) -> None:
             pass
 
 
-def measure_phi3(model: str, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
+def measure_phi3(
+    model: str, threads: int, prompt_tokens: int, decode_tokens: int, positions: list[int]
+) -> dict[str, Any]:
     from phi3 import Phi3, __version__, cpu_info
 
     warm_page_cache(model)
     t0 = time.perf_counter()
-    m = Phi3(model, threads=threads, context_length=2048)
+    m = Phi3(model, threads=threads, context_length=max([2048, *[n + 64 for n in positions]]))
     load_s = time.perf_counter() - t0
 
     # Time to first token: a ~20-token chat prompt, through to the first sampled token.
@@ -69,6 +72,13 @@ def measure_phi3(model: str, threads: int, prompt_tokens: int, decode_tokens: in
     stats = stream.stats
 
     info = cpu_info()
+    extra: dict[str, Any] = {}
+    if positions:
+        extra.update(decode_by_position(m, positions))
+    overhead_us = stream_overhead_us(threads)
+    if overhead_us is not None:
+        extra["stream_overhead_us"] = round(overhead_us, 1)
+        extra["stream_overhead_pct"] = round(100 * overhead_us * 1e-6 * stats.decode_tokens_per_s, 3)
     return {
         "engine": f"phi3 {__version__}",
         "build": info["baseline"],
@@ -83,7 +93,46 @@ def measure_phi3(model: str, threads: int, prompt_tokens: int, decode_tokens: in
         "ttft_prompt_tokens": ttft_prompt_tokens,
         "ttft_s": round(ttft_s, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **extra,
     }
+
+
+def decode_by_position(m: Any, positions: list[int], tokens: int = 32) -> dict[str, Any]:
+    """Decode tokens/s right after a prompt of each length: how the cost grows with context."""
+    import random
+
+    rng = random.Random(1)
+    out = {}
+    for n in positions:
+        prompt = [1] + [rng.randrange(1000, 20000) for _ in range(n - 1)]
+        stream = m.stream(prompt, max_tokens=tokens + 1, temperature=0, ignore_eos=True)
+        for _ in stream:
+            pass
+        out[f"decode_at_{n}_tok_s"] = round(stream.stats.decode_tokens_per_s, 2)
+    return out
+
+
+def stream_overhead_us(threads: int, tokens: int = 1000, rounds: int = 5) -> Optional[float]:
+    """Per-token cost of `stream()` over `generate()` (which runs the same steps without a Python
+    object or iterator call per token), on the tiny fixture model, where a step takes about a
+    millisecond and the difference is measurable: best of `rounds`, in microseconds."""
+    if not TINY_MODEL.exists():
+        return None
+    from phi3 import Phi3
+
+    m = Phi3(str(TINY_MODEL), threads=threads)
+    prompt = [1, 450, 4996]
+    kw: dict[str, Any] = dict(max_tokens=tokens, temperature=0, ignore_eos=True)
+    best_stream = best_generate = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        m.generate(prompt, **kw)
+        best_generate = min(best_generate, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in m.stream(prompt, details=True, **kw):
+            pass
+        best_stream = min(best_stream, time.perf_counter() - t0)
+    return (best_stream - best_generate) / tokens * 1e6
 
 
 def run_json(cmd: list[str], env: Optional[dict[str, str]] = None) -> Optional[dict[str, Any]]:
@@ -176,15 +225,23 @@ def main() -> None:
         metavar="PYTHON",
         help="an interpreter whose phi3 to measure (repeatable, to compare builds; default: this one)",
     )
+    p.add_argument(
+        "--positions",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=[],
+        metavar="N,N,...",
+        help="phi3: also decode after prompts of these lengths (e.g. 100,3000)",
+    )
     p.add_argument("--json", action="store_true", help="(internal) measure phi3 in this process")
     a = p.parse_args()
 
     if a.json:
-        print(json.dumps(measure_phi3(a.model, a.threads, a.prompt_tokens, a.decode_tokens)))
+        print(json.dumps(measure_phi3(a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.positions)))
         return
 
     common = ["--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
               "--decode-tokens", str(a.decode_tokens)]
+    phi3_args = [*common, *(["--positions", ",".join(map(str, a.positions))] if a.positions else [])]
     pythons = a.python or [sys.executable]
     if a.levels:
         results = measure_levels(pythons, a.model, common)
@@ -193,7 +250,7 @@ def main() -> None:
         return
     phi3_results = []
     for python in pythons:
-        phi3 = run_json([python, __file__, a.model, *common, "--json"])
+        phi3 = run_json([python, __file__, a.model, *phi3_args, "--json"])
         if phi3 is None:
             sys.exit(1)
         phi3_results.append(phi3)
@@ -208,6 +265,10 @@ def main() -> None:
         print("bench: llama_cpp is not installed: phi3 alone", file=sys.stderr)
     print(f"{os.path.basename(a.model)}, {a.threads} threads")
     print(table(phi3_results, others))
+    for r in phi3_results:
+        notes = [f"{k}={v}" for k, v in r.items() if k.startswith(("decode_at_", "stream_overhead"))]
+        if notes:
+            print(f"{engine_label(r)}: " + ", ".join(notes))
 
 
 if __name__ == "__main__":
