@@ -105,6 +105,8 @@ impl Engine {
         // without a kernel of ours) lives in its malloc arena, which `ReleaseMemoryOnDrop` trims
         // when the model goes.
         let model = Phi3Model::load(&file, options.context_length)?;
+        // Every tensor checked: now the weights are read in, on the engine's threads.
+        pool.install(|| file.read_tensor_data())?;
         if tokenizer.vocab_size() > model.vocab_size() {
             return Err(Error::unsupported(format!(
                 "the tokenizer has {} tokens but '{}' only {} rows",

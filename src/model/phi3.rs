@@ -172,9 +172,6 @@ impl Phi3Model {
             None
         };
         let rope = RopeTables::new(&config, factors.as_deref(), context_length);
-        // Everything checked: map the weights in now rather than one page fault at a time
-        // during the first prompt.
-        file.prefetch_tensor_data();
 
         Ok(Self {
             config,
