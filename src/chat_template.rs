@@ -2,24 +2,24 @@
 //!
 //! The template comes from the GGUF file (`tokenizer.chat_template`), so it is untrusted input.
 //! It is rendered with minijinja, which has no way to reach the filesystem (no loader is set) or
-//! to run code, under three bounds: minijinja's fuel (one budget for instructions executed and
-//! bytes of data created, so it bounds both time and memory), a recursion limit, and a limit on
-//! the output size.
+//! to run code, under these bounds: minijinja's fuel (one budget for instructions executed and
+//! bytes of data created), a recursion limit, a limit on the output size, and the guards of
+//! [`guard`]: no value bigger than a limit or nested deeper than 64, whatever walks it, and a
+//! deadline for the work fuel does not pay for.
 //!
 //! Rendering follows Hugging Face transformers' `apply_chat_template`: `trim_blocks` and
 //! `lstrip_blocks` on, no auto-escaping, lenient undefined values, the variables `messages`,
 //! `add_generation_prompt`, `bos_token` and `eos_token`, the functions `raise_exception` and
 //! `strftime_now`, and Python's string/dict methods (`.strip()`, `.startswith()`, `.items()`...)
 //! via minijinja-contrib's `pycompat`.
-//!
-//! Known gap (minijinja 3.1.0): sequences built by `*` and `+` are lazy and cost no fuel
-//! (`[0] * 10**8` is allowed, as is doubling a list 40 times), and a few operations then
-//! materialize them before charging for them: printing or `|string`/`|tojson` (seconds and
-//! hundreds of MB), unpacking (`{% set a, b = [0] * 10**8 %}` allocates 2.4 GB), and the
-//! 33rd nested `+` (which flattens the chain: unbounded). No hook outside minijinja can
-//! intercept these; the fix is in minijinja's `binop_alloc_estimate` (charge a sequence's
-//! repetition and concatenation by its length).
 
+mod guard;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use minijinja::machinery::{self, CompiledTemplate, Instructions, TemplateConfig};
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
 use minijinja::{context, AutoEscape, Environment, ErrorKind, UndefinedBehavior};
@@ -50,6 +50,16 @@ const MESSAGE_BYTES_PER_FUEL: u64 = 4;
 /// The output may be this much plus twice the size of the messages.
 const BASE_OUTPUT_LIMIT: usize = 1 << 20;
 
+/// No value may expand to more than this plus four times the messages (their text and, per
+/// message, [`MESSAGE_VALUE_BYTES`] for the map holding it): a list of all the messages, or a
+/// few copies of one, fits; what a render may walk or copy in one step is bounded by it.
+const BASE_VALUE_LIMIT: u64 = 8 << 20;
+const MESSAGE_VALUE_BYTES: u64 = 256;
+
+/// Comparisons and hashing are not charged fuel; this bounds the time they can take. Real
+/// templates render in milliseconds.
+const TIME_LIMIT: Duration = Duration::from_secs(5);
+
 /// Chat templates hardly recurse (macros rendering nested JSON schemas do, a few levels).
 /// minijinja's own cap is 500, which a 2 MiB thread stack (Rust's default for spawned threads)
 /// may not survive in a debug build.
@@ -73,13 +83,21 @@ impl Message {
     }
 }
 
-/// A compiled chat template with the special tokens it is rendered with.
-#[derive(Debug)]
+/// A chat template with the special tokens it is rendered with.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    config: TemplateConfig,
     source: String,
     bos_token: String,
     eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChatTemplate {
@@ -87,26 +105,51 @@ impl ChatTemplate {
     /// transformers-only `{% generation %}` tag) is an [`Error::ChatTemplate`].
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
-        env.set_syntax(
-            SyntaxConfig::builder()
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_recursion_limit(RECURSION_LIMIT);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        // It prints the whole state: nothing a chat template needs.
+        env.remove_global("debug");
+        guard::add_bounded_filters(&mut env);
+        let config = TemplateConfig {
+            syntax_config: SyntaxConfig::builder()
                 .trim_blocks(true)
                 .lstrip_blocks(true)
                 .build()
                 .map_err(|e| template_error("configuring the template syntax", &e))?,
-        );
-        env.set_auto_escape_callback(|_| AutoEscape::None);
-        env.set_undefined_behavior(UndefinedBehavior::Lenient);
-        env.set_recursion_limit(RECURSION_LIMIT);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| template_error("compiling the chat template", &e))?;
-        Ok(Self {
+            default_auto_escape: Arc::new(|_| AutoEscape::None),
+        };
+        let template = Self {
             env,
+            config,
             source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+        };
+        guard::check_constant_folding(source, template.config.syntax_config.clone())
+            .map_err(|e| template_error("compiling the chat template", &e))?;
+        template.compile()?;
+        Ok(template)
+    }
+
+    /// The template's code with its guards, and its blocks likewise. Compiled for each render:
+    /// the code borrows the source, so it cannot be kept beside it (compiling takes
+    /// microseconds).
+    fn compile(&self) -> Result<GuardedCode<'_>> {
+        let compiled = CompiledTemplate::new(TEMPLATE_NAME, &self.source, &self.config)
+            .map_err(|e| template_error("compiling the chat template", &e))?;
+        let instrument = |code| {
+            guard::instrument(code).map_err(|e| template_error("compiling the chat template", &e))
+        };
+        let blocks = compiled
+            .blocks
+            .iter()
+            .map(|(name, code)| Ok((*name, instrument(code)?)))
+            .collect::<Result<_>>()?;
+        Ok(GuardedCode {
+            code: instrument(&compiled.instructions)?,
+            blocks,
         })
     }
 
@@ -133,29 +176,43 @@ impl ChatTemplate {
             .saturating_add(message_bytes as u64 / MESSAGE_BYTES_PER_FUEL);
         let output_limit = BASE_OUTPUT_LIMIT.saturating_add(message_bytes.saturating_mul(2));
 
-        // Fuel is a setting of the environment; a clone shares the compiled template.
+        let value_limit = BASE_VALUE_LIMIT.saturating_add(
+            (message_bytes as u64)
+                .saturating_add(MESSAGE_VALUE_BYTES.saturating_mul(messages.len() as u64))
+                .saturating_mul(4),
+        );
+
+        let guarded = self.compile()?;
+        // Fuel and the guards' limits are settings of the environment; a clone is cheap.
         let mut env = self.env.clone();
         env.set_fuel(Some(fuel));
-        let template = env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| template_error("loading the chat template", &e))?;
+        guard::install(&mut env, value_limit, TIME_LIMIT);
         let ctx = context! {
             messages => Serde(messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         };
-        let mut output = LimitedOutput {
-            bytes: Vec::new(),
-            limit: output_limit,
-            overflowed: false,
+        // The output grows by at most what fuel pays for (a byte per 1/64 fuel) plus one
+        // guarded value per step; its limit is checked at the end.
+        let mut text = String::new();
+        let result = machinery::eval(
+            &env,
+            &guarded.code,
+            ctx,
+            &guarded.blocks,
+            &mut machinery::make_string_output(&mut text),
+            AutoEscape::None,
+        );
+        let output_error = || {
+            Error::ChatTemplate(format!(
+                "rendering the chat template: the output exceeds its limit of {output_limit} \
+                 bytes (1 MiB plus twice the size of the messages)"
+            ))
         };
-        if let Err(e) = template.render_captured_to(ctx, &mut output) {
-            return Err(if output.overflowed {
-                Error::ChatTemplate(format!(
-                    "rendering the chat template: the output exceeds its limit of {output_limit} \
-                     bytes (1 MiB plus twice the size of the messages)"
-                ))
+        if let Err(e) = result {
+            return Err(if text.len() > output_limit {
+                output_error()
             } else if e.kind() == ErrorKind::OutOfFuel {
                 Error::ChatTemplate(format!(
                     "rendering the chat template: it used up its budget of {fuel} fuel \
@@ -165,10 +222,9 @@ impl ChatTemplate {
                 template_error("rendering the chat template", &e)
             });
         }
-        // minijinja writes whole `&str`s, so this cannot fail; still, no panic on a bug there.
-        let text = String::from_utf8(output.bytes).map_err(|_| {
-            Error::ChatTemplate("rendering the chat template: the output is not UTF-8".into())
-        })?;
+        if text.len() > output_limit {
+            return Err(output_error());
+        }
         Ok(match text.strip_prefix(self.bos_token.as_str()) {
             Some(rest) if !self.bos_token.is_empty() => rest.to_string(),
             _ => text,
@@ -176,26 +232,10 @@ impl ChatTemplate {
     }
 }
 
-/// The render target: collects the output and refuses to grow past `limit`.
-struct LimitedOutput {
-    bytes: Vec<u8>,
-    limit: usize,
-    overflowed: bool,
-}
-
-impl std::io::Write for LimitedOutput {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len().saturating_add(buf.len()) > self.limit {
-            self.overflowed = true;
-            return Err(std::io::Error::other("chat template output limit exceeded"));
-        }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// A template's instrumented code, borrowing its source.
+struct GuardedCode<'s> {
+    code: Instructions<'s>,
+    blocks: BTreeMap<&'s str, Instructions<'s>>,
 }
 
 /// `Error::ChatTemplate` from a minijinja error, its causes included, at a readable length.
@@ -358,7 +398,7 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 mod tests {
     use super::*;
     use crate::gguf::{names, GgufFile};
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     const BOS: &str = "<s>";
     const EOS: &str = "<|endoftext|>";
@@ -567,13 +607,14 @@ mod tests {
             ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}", ""),
             // Output far past the limit.
             ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output"),
-            // Recursion: macros, recursive loops, the template including itself.
+            // Recursion: macros, recursive loops.
             ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
             ("{% for m in [[1]] recursive %}{{ loop([m]) }}{% endfor %}", "recursion"),
-            ("{% include 'chat_template' %}", "recursion"),
-            // No filesystem.
-            ("{% include '/etc/passwd' %}", "not found"),
-            ("{% extends '../Cargo.toml' %}", "not found"),
+            // No other templates, so no filesystem either.
+            ("{% include 'chat_template' %}", "not supported"),
+            ("{% include '/etc/passwd' %}", "not supported"),
+            ("{% extends '../Cargo.toml' %}", "not supported"),
+            ("{% import 'x' as y %}", "not supported"),
         ];
         for (source, needle) in cases {
             let start = Instant::now();
