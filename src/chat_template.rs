@@ -398,6 +398,7 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 mod tests {
     use super::*;
     use crate::gguf::{names, GgufFile};
+    use crate::test_support::peak_allocation;
     use std::time::Instant;
 
     const BOS: &str = "<s>";
@@ -544,6 +545,143 @@ mod tests {
         assert_eq!(render(source, &[]).unwrap(), "012");
     }
 
+    /// Phi-3.5-mini-instruct's template (its `tokenizer_config.json`): a system message only
+    /// when it has content.
+    const PHI35_TEMPLATE: &str = "{% for message in messages %}\
+{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}\
+{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}\
+{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}\
+{% endif %}{% endfor %}\
+{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}";
+
+    /// Phi-4-mini-instruct's template: no newlines, any role, tools in the system message.
+    const PHI4_MINI_TEMPLATE: &str = "{% for message in messages %}\
+{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}\
+{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}\
+{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}\
+{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}";
+
+    #[test]
+    fn renders_the_phi_family_templates() {
+        let messages = vec![
+            Message::new("system", ""),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello."),
+            Message::new("user", "Write a haiku"),
+        ];
+        assert_eq!(
+            render(PHI35_TEMPLATE, &messages).unwrap(),
+            "<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n<|user|>\nWrite a haiku<|end|>\n\
+             <|assistant|>\n"
+        );
+        assert_eq!(
+            render(PHI4_MINI_TEMPLATE, &messages).unwrap(),
+            "<|system|><|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|><|user|>Write a haiku\
+             <|end|><|assistant|>"
+        );
+    }
+
+    /// How phi3 rendered before its guards: minijinja with the same settings and functions,
+    /// nothing instrumented.
+    fn render_unguarded(source: &str, messages: &[Message], add_generation_prompt: bool) -> String {
+        let mut env = Environment::new();
+        env.set_syntax(
+            SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .unwrap(),
+        );
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template(TEMPLATE_NAME, source).unwrap();
+        let ctx = context! {
+            messages => Serde(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => BOS,
+            eos_token => EOS,
+        };
+        let text = env
+            .get_template(TEMPLATE_NAME)
+            .unwrap()
+            .render(ctx)
+            .unwrap();
+        text.strip_prefix(BOS).map_or(text.clone(), str::to_string)
+    }
+
+    /// The guards change nothing a template that stays within its limits renders: the Phi
+    /// family's templates, and templates using what guards touch (lists, maps, lazy sequences,
+    /// namespaces, macros, filters, methods, formatting, loops).
+    #[test]
+    fn guards_change_no_output() {
+        let fixture = gguf_template("phi3-vocab.gguf");
+        let mut sources = vec![
+            PHI3_TEMPLATE,
+            fixture.source(),
+            PHI35_TEMPLATE,
+            PHI4_MINI_TEMPLATE,
+            "{% set ns = namespace(roles=[], text='', n=0) %}{% for m in messages %}\
+             {% set ns.roles = ns.roles + [m.role] %}{% set ns.text = ns.text ~ m.content[:3] %}\
+             {% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.roles|join(',') }}|{{ ns.text }}|{{ ns.n }}|{{ ns }}",
+            "{% for g in messages|groupby('role') %}{{ g.grouper }}={{ g.list|length }}{{ g }};{% endfor %}",
+            "{{ messages|map(attribute='role')|unique|list }}|{{ messages|tojson }}\
+             |{{ {'b': 1, 'a': [1, 2, (3, 4)]}|tojson(indent=2) }}|{{ messages|first|items|list }}",
+            "{{ messages[0] }}|{{ messages[0].items()|list }}|{{ dict(a=1, b=messages|length) }}\
+             |{{ range(5)|list }}|{{ range(3) }}|{{ messages[0]|dictsort }}",
+            "{{ messages|selectattr('role', 'equalto', 'user')|map(attribute='content')|map('upper')|join(' / ') }}\
+             |{{ messages|select }}|{{ (messages|map(attribute='role'))[0] }}|{{ messages|reverse }}",
+            "{{ messages[1:] }}|{{ messages[::-1]|map(attribute='role')|list }}|{{ messages[1:] is sequence }}\
+             |{{ messages[1:][0] }}|{{ (messages|reverse) is sequence }}|{{ 'abc'[1:] }}",
+            "{{ [1, 2] + [3] }}|{{ ([1, 2] + [3])[1] }}|{{ ([1, 2] + [3]) is sequence }}|{{ [0] * 3 }}\
+             |{{ (1, 2) + (3,) }}|{{ 'ab' * 3 }}|{{ {'a': 1}|chain({'b': 2}) }}|{{ [1]|chain([2], [3]) }}\
+             |{{ ([1]|chain([2])) is sequence }}|{{ messages|zip([1, 2])|list }}",
+            "{{ '%s-%05d'|format('x', 42) }}|{{ '{}:{:>6}'.format('k', 'v') }}|{{ messages|length > 1 and messages[-1].role }}\
+             |{% for k, v in {'x': 1, 'y': 2}|dictsort %}{{ k }}{{ v }}{% endfor %}|{% for a, b in [[1, 2], [3, 4]] %}{{ a + b }}{% endfor %}",
+            "{% macro row(a, b='d') %}<{{ a }}{{ b }}>{% endmacro %}{{ row(1) }}{{ row(1, 2) }}{{ row(*[3, 4]) }}{{ row(**{'a': 5}) }}\
+             {% macro box() %}[{{ caller(7) }}]{% endmacro %}{% call(x) box() %}{{ x }}{% endcall %}",
+            "{% set x %}captured {{ messages|length }}{% endset %}{{ x|trim }}\
+             {% for m in messages %}{{ loop.index }}{{ loop.cycle('a', 'b') }}{% if loop.changed(m.role) %}!{% endif %}\
+             {{ loop.previtem.role if loop.previtem else '-' }}{{ loop.length }}{% endfor %}\
+             {% filter upper %}shout {{ messages[0].role }}{% endfilter %}|{{ messages|batch(2)|list }}|{{ messages|slice(2)|list }}",
+            "{{ messages|sort(attribute='role')|map(attribute='role')|list }}|{{ messages|map(attribute='content')|max }}\
+             |{% set a, b = (messages + messages)[:2] %}{{ b.role }}|{{ messages|list == messages }}|{{ 'user' in messages|map(attribute='role') }}",
+        ];
+        let sources_of_other_tests = [
+            "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m['content'] }}]\n    {% endif %}\n{% endfor %}\n",
+            "{{ messages[0].content.strip() }}|{{ messages[-1].content.lower().split(' ') | join(',') }}\
+             |{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}|{{ '<&>' }}|{{ undefined_thing }}",
+            "{% for i in range(10) %}{% if i == 3 %}{% break %}{% endif %}{{ i }}{% endfor %}",
+        ];
+        sources.extend(sources_of_other_tests);
+        let conversations = [
+            user("Write a haiku about ice hockey"),
+            vec![
+                Message::new("system", "  Be brief. "),
+                Message::new("user", "Hi"),
+                Message::new("assistant", "Hello. ✨"),
+                Message::new("user", "Écris un haïku"),
+            ],
+            vec![Message::new("user", ""), Message::new("assistant", "")],
+        ];
+        for source in sources {
+            for messages in &conversations {
+                for add_generation_prompt in [true, false] {
+                    let guarded = ChatTemplate::new(source, BOS, EOS)
+                        .and_then(|t| t.render(messages, add_generation_prompt))
+                        .unwrap_or_else(|e| panic!("{source}: {e}"));
+                    assert_eq!(
+                        guarded,
+                        render_unguarded(source, messages, add_generation_prompt),
+                        "{source}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn raise_exception_is_a_chat_template_error() {
         let source = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}ok";
@@ -590,35 +728,76 @@ mod tests {
         }
     }
 
-    /// Each hostile template fails with `Error::ChatTemplate` in well under a second.
+    /// Templates that try to make the render take memory, stack or time out of proportion to
+    /// its fuel, each with a word of the error it must fail with.
+    const HOSTILE: &[(&str, &str)] = &[
+        // Huge values in one step.
+        ("{{ 'a' * 10**9 }}", "fuel"),
+        ("{% set x = 'a' * 10**9 %}", "fuel"),
+        ("{% set n = 10**8 %}{{ [0] * n }}", "more than"),
+        ("{% set n = 10**8 %}{% set a, b = [0] * n %}", "more than"),
+        ("{% set n = 10**8 %}{{ ([0] * n)|string|length }}", "more than"),
+        ("{% set n = 10**8 %}{{ (0,) * n }}", "fuel"),
+        ("{{ range(10**9) | list }}", "range"),
+        ("{{ [1]|batch(10**8, 0) }}", "fuel"),
+        ("{{ ('x\n' * 1000)|indent(10**6) }}", "fuel"),
+        ("{{ ('a' * 100000)|replace('a', 'b' * 100000) }}", "fuel"),
+        ("{{ [1]|tojson(indent=10**9) }}", "indent"),
+        ("{{ '{:>1000000000}'.format('x') }}", "format"),
+        ("{{ '{:{}}'.format('x', 10**9) }}", "format"),
+        ("{% set s = 'x' * 1000000 %}{{ '%(a)s%(a)s%(a)s'|format(a=s) }}", "format"),
+        ("{% set s = 'x' * 1000000 %}{{ '{0}{0}{0}'.format(s) }}", "format"),
+        // ... and folded into constants while compiling.
+        ("{{ [0] * 10**8 }}", "constant"),
+        ("{{ [0]*10**8 + [0]*10**8 + [0]*10**8 }}", "constant"),
+        ("{% if [0]*10**8 == [0]*10**8 %}{% endif %}", "constant"),
+        ("{{ [[0] * 1000] * 1000 }}", "more than"),
+        // Doubling: small steps, exponential data.
+        ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "fuel"),
+        ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s.replace('a', 'aa') %}{% endfor %}", "fuel"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = ns.x + ns.x %}{% endfor %}", "more than"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}", "more than"),
+        ("{% set ns = namespace(x={}) %}{% for i in range(64) %}{% set ns.x = {'a': ns.x, 'b': ns.x} %}{% endfor %}", "more than"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = dict(a=ns.x, b=ns.x) %}{% endfor %}", "more than"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = ns.x * 2 %}{% endfor %}", "more than"),
+        // Many copies of one value.
+        ("{% set s = 'x' * 1000000 %}{{ ([s] * 100)|join }}", "more than"),
+        ("{% set s = 'x' * 1000000 %}{{ [s, s, s, s, s, s, s, s, s, s]|tojson }}", "more than"),
+        ("{% macro m() %}{{ varargs|length }}{% endmacro %}{% set s = 'x' * 1000000 %}{{ m(s, s, s, s, s, s, s, s, s, s) }}", "more than"),
+        // Nesting too deep to walk or drop.
+        ("{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}{% endfor %}", "deep"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(100000) %}{% set ns.x = ns.x[0:] %}{% endfor %}{{ ns.x }}", "fuel"),
+        ("{% set ns = namespace(x={}) %}{% for i in range(100000) %}{% set ns.x = ns.x|chain({}) %}{% endfor %}{{ ns.x }}", "fuel"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(100000) %}{% set ns.x = ns.x|select %}{% endfor %}{{ ns.x }}", "fuel"),
+        // A namespace holding itself, or shared where growing it would grow what holds it.
+        ("{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}", "namespace"),
+        ("{% set ns = namespace() %}{% set l = [ns] * 1000 %}", "namespace"),
+        ("{% set ns = namespace() %}{% set v = ns|chain({}) %}{% set ns.v = v %}{{ ns }}", "namespace"),
+        ("{% set ns = namespace() %}{% set ns.i = ns.items() %}", "namespace"),
+        // Work that fuel does not pay for.
+        ("{% set a = ['x' * 100000] * 40 %}{% set b = ['x' * 100000] * 40 %}{% for i in range(100000) %}{% if [a] == [b] %}{% endif %}{% endfor %}", "fuel"),
+        // Long loops.
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}", ""),
+        // Output far past the limit.
+        ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output"),
+        // Recursion: macros, recursive loops.
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+        ("{% for m in [[1]] recursive %}{{ loop([m]) }}{% endfor %}", "recursion"),
+        // No other templates, so no filesystem either.
+        ("{% include 'chat_template' %}", "not supported"),
+        ("{% include '/etc/passwd' %}", "not supported"),
+        ("{% extends '../Cargo.toml' %}", "not supported"),
+        ("{% import 'x' as y %}", "not supported"),
+    ];
+
+    /// Each hostile template fails with `Error::ChatTemplate` in well under a second, holding
+    /// a few megabytes at most.
     #[test]
-    fn hostile_templates_fail_quickly() {
-        let cases: &[(&str, &str)] = &[
-            // Huge allocations in one step.
-            ("{{ 'a' * 10**9 }}", "fuel"),
-            ("{% set x = 'a' * 10**9 %}", "fuel"),
-            ("{{ ['a'] * 10**9 }}", ""),
-            ("{{ range(10**9) | list }}", "range"),
-            // Doubling: small steps, exponential data.
-            ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "fuel"),
-            ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s.replace('a', 'aa') %}{% endfor %}", ""),
-            // Long loops.
-            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
-            ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}", ""),
-            // Output far past the limit.
-            ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output"),
-            // Recursion: macros, recursive loops.
-            ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
-            ("{% for m in [[1]] recursive %}{{ loop([m]) }}{% endfor %}", "recursion"),
-            // No other templates, so no filesystem either.
-            ("{% include 'chat_template' %}", "not supported"),
-            ("{% include '/etc/passwd' %}", "not supported"),
-            ("{% extends '../Cargo.toml' %}", "not supported"),
-            ("{% import 'x' as y %}", "not supported"),
-        ];
-        for (source, needle) in cases {
+    fn hostile_templates_fail_quickly_and_small() {
+        for (source, needle) in HOSTILE {
             let start = Instant::now();
-            let result = render(source, &user("hi"));
+            let (result, peak) = peak_allocation(|| render(source, &user("hi")));
             let elapsed = start.elapsed();
             match result {
                 Err(Error::ChatTemplate(msg)) => {
@@ -630,6 +809,7 @@ mod tests {
                 elapsed < Duration::from_secs(2),
                 "{source} took {elapsed:?}"
             );
+            assert!(peak < 64 << 20, "{source} held {} MiB", peak >> 20);
         }
     }
 
