@@ -12,12 +12,13 @@
 //! So the compiled template is instrumented: guard calls are inserted around the instructions
 //! that create values or walk them ([`instrument`] matches every instruction of minijinja's VM, so
 //! a new one does not compile until it is classified). The guards keep this invariant: every
-//! value the template can reach is eager (lazy sequences and views are copied into lists and maps
-//! as they are created), at most [`MAX_DEPTH`] deep, and at most `value_limit` bytes when fully
-//! expanded (strings, plus a slot per item), shared parts counted every time they occur. A
-//! namespace, the one mutable value, stays in variables and is used through its attributes, so
-//! that growing one cannot grow a value measured earlier. Then every single operation works on
-//! at most a few `value_limit`s of data, and the fuel bounds how many operations run.
+//! value the template makes is eager (a lazy sequence is copied as it is created, into a list or
+//! into an iterable that behaves as the lazy one did; `chain`, whose maps are lazy views, is
+//! replaced), at most [`MAX_DEPTH`] deep, and at most `value_limit` bytes when fully expanded
+//! (strings, plus a slot per item), shared parts counted every time they occur. A namespace, the
+//! one mutable value, stays in variables and is used through its attributes, so that growing one
+//! cannot grow a value measured earlier. Then every single operation works on at most a few
+//! `value_limit`s of data, and the fuel bounds how many operations run.
 //!
 //! What fuel does not pay for (a comparison or a hash walks its operands uncharged, so a loop
 //! comparing two large values costs far more time than fuel) is bounded by a deadline, checked
@@ -51,6 +52,10 @@ const SCALAR_BYTES: u64 = 8;
 
 /// Measuring visits values; this many visits cost one fuel (an instruction's worth).
 const VISITS_PER_FUEL: u64 = 16;
+
+/// Sealed values this large are remembered by address, so that passing a list of all the
+/// messages around does not walk it again each time.
+const REMEMBERED_BYTES: u64 = 4 << 10;
 
 /// Returns `code` with the guards in place: the same instructions in the same order, jump
 /// targets moved to the guards now in front of their targets.
@@ -318,7 +323,8 @@ struct GuardState {
     value_limit: u64,
     /// The namespaces this render made (`namespace()` is the only maker).
     namespaces: Vec<Value>,
-    /// Sealed lists, maps and tuples by address: they never change, so they are measured once.
+    /// Large sealed lists, maps, tuples and copies by address: they never change, so they are
+    /// measured once.
     measured: HashMap<usize, Measure>,
     /// Keeps the values behind `measured` alive, so that no address is reused.
     pinned: Vec<Value>,
@@ -406,9 +412,9 @@ impl GuardState {
         Ok(())
     }
 
-    /// Measures `value` at `depth` (`nested`: inside a container or namespace) and, with
-    /// `keep`, returns it sealed if that changed it: lazy sequences (at any depth) become
-    /// copies. Without `keep` it only measures (arguments are passed on as they are).
+    /// Measures `value` at `depth` (`nested`: inside a container or namespace) and returns it
+    /// sealed if that changed it: lazy sequences (at any depth) become copies. `keep`: the copy
+    /// will be used (arguments are only measured, and passed on as they are).
     fn visit(
         &mut self,
         value: &Value,
@@ -521,11 +527,17 @@ impl GuardState {
             }
         };
         self.check_depth(depth, measure)?;
-        let sealed = sealed.filter(|_| keep);
-        let kept = sealed.as_ref().unwrap_or(value);
-        if let Some(address) = eager_address(kept) {
-            self.measured.insert(address, measure);
-            self.pinned.push(kept.clone());
+        // Remembered: the value itself if sealing left it as it was, or its copy if that is
+        // kept; large ones only, small ones are quick to measure again.
+        let remembered = match &sealed {
+            None => Some(value),
+            Some(copy) => keep.then_some(copy),
+        };
+        if let Some(remembered) = remembered.filter(|_| measure.bytes >= REMEMBERED_BYTES) {
+            if let Some(address) = eager_address(remembered) {
+                self.measured.insert(address, measure);
+                self.pinned.push(remembered.clone());
+            }
         }
         Ok((sealed, measure))
     }
