@@ -320,20 +320,28 @@ impl RepoFile<'_> {
             .append(true)
             .open(&part_path)
             .map_err(io)?;
-        let start = part.metadata().map_err(io)?.len();
+        let mut start = part.metadata().map_err(io)?.len();
 
         let agent = agent(self.config.download_timeout, MAX_REDIRECTS).build();
-        let response = self
-            .request(&agent, url)
-            .set("Range", &format!("bytes={start}-"))
-            .call();
-        let response = match response {
-            // The part file is longer than the file: start over.
-            Err(ureq::Error::Status(416, _)) if start > 0 => {
-                part.set_len(0).map_err(io)?;
-                return self.download(url, blob, progress);
+        let response = loop {
+            let response = self
+                .request(&agent, url)
+                .set("Range", &format!("bytes={start}-"))
+                .call();
+            match response {
+                // Nothing from `start` on: the part file is whole, or longer than the file.
+                Err(ureq::Error::Status(416, response)) if start > 0 => {
+                    let size = response
+                        .header("content-range")
+                        .and_then(|r| r.strip_prefix("bytes */")?.trim().parse::<u64>().ok());
+                    if size == Some(start) {
+                        return self.finish(part, &part_path, blob);
+                    }
+                    part.set_len(0).map_err(io)?;
+                    start = 0;
+                }
+                other => break other.map_err(|e| self.request_error(e))?,
             }
-            other => other.map_err(|e| self.request_error(e))?,
         };
         let (offset, total) = self.body_range(&response, start)?;
         if offset == 0 {
@@ -364,9 +372,15 @@ impl RepoFile<'_> {
                 offset + received
             )));
         }
+        self.finish(part, &part_path, blob)
+    }
+
+    /// Moves a complete part file into the cache.
+    fn finish(&self, part: File, part_path: &Path, blob: &Path) -> Result<()> {
+        let io = |e: std::io::Error| self.io_error(&e);
         part.sync_all().map_err(io)?;
         drop(part);
-        std::fs::rename(&part_path, blob).map_err(io)
+        std::fs::rename(part_path, blob).map_err(io)
     }
 
     /// Where the body starts in the file, and the file's size: a 206 answer to the range
@@ -1486,6 +1500,27 @@ mod tests {
             requests.last().unwrap().contains("\nrange: bytes=50000-"),
             "{requests:?}"
         );
+    }
+
+    #[test]
+    fn part_files_that_are_whole_or_too_long() {
+        let body = test_bytes(100_000);
+        let hub = hostile(COMMIT, ETAG, Misbehaviour::None);
+        // Whole: the hub answers that nothing is left, and the part is used. Too long: the
+        // download starts over.
+        for (extra, requests) in [(0, 2), (10, 3)] {
+            let before = hub.requests().len();
+            let cache = TempDir::new("part");
+            let cfg = config(hub.endpoint(), &cache);
+            let blobs = cfg.cache_dir.join("models--owner--model/blobs");
+            std::fs::create_dir_all(&blobs).unwrap();
+            let mut part = body.clone();
+            part.extend(vec![7; extra]);
+            std::fs::write(blobs.join(format!("{ETAG}.part")), part).unwrap();
+            let path = fetch_with(&cfg, "owner/model", "m.gguf", "main", false).unwrap();
+            assert_eq!(std::fs::read(path).unwrap(), body, "{extra}");
+            assert_eq!(hub.requests().len() - before, requests, "{extra}");
+        }
     }
 
     #[test]
