@@ -28,7 +28,8 @@ HOSTILE = [
     "{% set ns = namespace(x='ab') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
     "{% set ns = namespace(x=[1]) %}{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}{% endfor %}{{ ns.x }}",
     "{% set ns = namespace(x=[1]) %}{% for i in range(40) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}{{ ns.x }}",
-    "{% set ns = namespace(x={}) %}{% for i in range(40) %}{% set ns.x = {'a': ns.x, 'b': ns.x} %}{% endfor %}{{ ns.x|tojson }}",
+    "{% set ns = namespace(x={}) %}{% for i in range(40) %}{% set ns.x = {'a': ns.x, 'b': ns.x} %}{% endfor %}"
+    "{{ ns.x|tojson }}",
     "{{ [0]*10**8 + [0]*10**8 + [0]*10**8 }}",
     "{% set s = 'x' * 1000000 %}{{ ([s] * 1000)|join }}",
     "{% macro m() %}{{ varargs }}{% endmacro %}{% set s = 'x' * 1000000 %}{{ m(s, s, s, s, s, s, s, s, s, s) }}",
@@ -102,7 +103,8 @@ def test_real_template_from_the_file(tmp_path: Path) -> None:
     # Phi-3.5-mini-instruct's template, carried by the file, renders as it should.
     phi35 = (
         "{% for message in messages %}"
-        "{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}"
+        "{% if message['role'] == 'system' and message['content'] %}"
+        "{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}"
         "{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
         "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}"
         "{% endif %}{% endfor %}"
