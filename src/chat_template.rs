@@ -65,6 +65,10 @@ const TIME_LIMIT: Duration = Duration::from_secs(5);
 /// may not survive in a debug build.
 const RECURSION_LIMIT: usize = 100;
 
+/// Real chat templates are a few kilobytes; compiling one costs memory and time in proportion
+/// to its size (a few hundred bytes of code per byte), on every render.
+const MAX_TEMPLATE_BYTES: usize = 1 << 20;
+
 /// Error messages quote template-made text (`raise_exception`); keep them readable.
 const MAX_ERROR_CHARS: usize = 1_000;
 
@@ -104,6 +108,12 @@ impl ChatTemplate {
     /// Compiles `source`; a syntax error or an unsupported construct (for instance the
     /// transformers-only `{% generation %}` tag) is an [`Error::ChatTemplate`].
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(Error::ChatTemplate(format!(
+                "the chat template is {} bytes long, over the limit of {MAX_TEMPLATE_BYTES}",
+                source.len()
+            )));
+        }
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         env.set_recursion_limit(RECURSION_LIMIT);
@@ -810,6 +820,15 @@ mod tests {
                 "{source} took {elapsed:?}"
             );
             assert!(peak < 64 << 20, "{source} held {} MiB", peak >> 20);
+        }
+    }
+
+    #[test]
+    fn oversized_templates_are_refused() {
+        let source = "{{ messages[0].content }}".repeat(MAX_TEMPLATE_BYTES / 20);
+        match ChatTemplate::new(&source, BOS, EOS) {
+            Err(Error::ChatTemplate(msg)) => assert!(msg.contains("over the limit"), "{msg}"),
+            other => panic!("{other:?}"),
         }
     }
 
