@@ -66,7 +66,7 @@ const TIME_LIMIT: Duration = Duration::from_secs(5);
 const RECURSION_LIMIT: usize = 100;
 
 /// Real chat templates are a few kilobytes; compiling one costs memory and time in proportion
-/// to its size (a few hundred bytes of code per byte), on every render.
+/// to its size (tens of bytes of code per byte), on every render.
 const MAX_TEMPLATE_BYTES: usize = 1 << 20;
 
 /// Error messages quote template-made text (`raise_exception`); keep them readable.
@@ -185,7 +185,6 @@ impl ChatTemplate {
             .saturating_add(FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64))
             .saturating_add(message_bytes as u64 / MESSAGE_BYTES_PER_FUEL);
         let output_limit = BASE_OUTPUT_LIMIT.saturating_add(message_bytes.saturating_mul(2));
-
         let value_limit = BASE_VALUE_LIMIT.saturating_add(
             (message_bytes as u64)
                 .saturating_add(MESSAGE_VALUE_BYTES.saturating_mul(messages.len() as u64))
