@@ -2,24 +2,24 @@
 //!
 //! The template comes from the GGUF file (`tokenizer.chat_template`), so it is untrusted input.
 //! It is rendered with minijinja, which has no way to reach the filesystem (no loader is set) or
-//! to run code, under three bounds: minijinja's fuel (one budget for instructions executed and
-//! bytes of data created, so it bounds both time and memory), a recursion limit, and a limit on
-//! the output size.
+//! to run code, under these bounds: minijinja's fuel (one budget for instructions executed and
+//! bytes of data created), a recursion limit, a limit on the output size, and the guards of
+//! [`guard`]: no value bigger than a limit or nested deeper than 64, whatever walks it, and a
+//! deadline for the work fuel does not pay for.
 //!
 //! Rendering follows Hugging Face transformers' `apply_chat_template`: `trim_blocks` and
 //! `lstrip_blocks` on, no auto-escaping, lenient undefined values, the variables `messages`,
 //! `add_generation_prompt`, `bos_token` and `eos_token`, the functions `raise_exception` and
 //! `strftime_now`, and Python's string/dict methods (`.strip()`, `.startswith()`, `.items()`...)
 //! via minijinja-contrib's `pycompat`.
-//!
-//! Known gap (minijinja 3.1.0): sequences built by `*` and `+` are lazy and cost no fuel
-//! (`[0] * 10**8` is allowed, as is doubling a list 40 times), and a few operations then
-//! materialize them before charging for them: printing or `|string`/`|tojson` (seconds and
-//! hundreds of MB), unpacking (`{% set a, b = [0] * 10**8 %}` allocates 2.4 GB), and the
-//! 33rd nested `+` (which flattens the chain: unbounded). No hook outside minijinja can
-//! intercept these; the fix is in minijinja's `binop_alloc_estimate` (charge a sequence's
-//! repetition and concatenation by its length).
 
+mod guard;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use minijinja::machinery::{self, CompiledTemplate, Instructions, TemplateConfig};
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
 use minijinja::{context, AutoEscape, Environment, ErrorKind, UndefinedBehavior};
@@ -50,10 +50,24 @@ const MESSAGE_BYTES_PER_FUEL: u64 = 4;
 /// The output may be this much plus twice the size of the messages.
 const BASE_OUTPUT_LIMIT: usize = 1 << 20;
 
+/// No value may expand to more than this plus four times the messages (their text and, per
+/// message, [`MESSAGE_VALUE_BYTES`] for the map holding it): a list of all the messages, or a
+/// few copies of one, fits; what a render may walk or copy in one step is bounded by it.
+const BASE_VALUE_LIMIT: u64 = 8 << 20;
+const MESSAGE_VALUE_BYTES: u64 = 256;
+
+/// Comparisons and hashing are not charged fuel; this bounds the time they can take. Real
+/// templates render in milliseconds.
+const TIME_LIMIT: Duration = Duration::from_secs(5);
+
 /// Chat templates hardly recurse (macros rendering nested JSON schemas do, a few levels).
 /// minijinja's own cap is 500, which a 2 MiB thread stack (Rust's default for spawned threads)
 /// may not survive in a debug build.
 const RECURSION_LIMIT: usize = 100;
+
+/// Real chat templates are a few kilobytes; compiling one costs memory and time in proportion
+/// to its size (tens of bytes of code per byte), on every render.
+const MAX_TEMPLATE_BYTES: usize = 1 << 20;
 
 /// Error messages quote template-made text (`raise_exception`); keep them readable.
 const MAX_ERROR_CHARS: usize = 1_000;
@@ -73,40 +87,79 @@ impl Message {
     }
 }
 
-/// A compiled chat template with the special tokens it is rendered with.
-#[derive(Debug)]
+/// A chat template with the special tokens it is rendered with.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    config: TemplateConfig,
     source: String,
     bos_token: String,
     eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChatTemplate {
     /// Compiles `source`; a syntax error or an unsupported construct (for instance the
     /// transformers-only `{% generation %}` tag) is an [`Error::ChatTemplate`].
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(Error::ChatTemplate(format!(
+                "the chat template is {} bytes long, over the limit of {MAX_TEMPLATE_BYTES}",
+                source.len()
+            )));
+        }
         let mut env = Environment::new();
-        env.set_syntax(
-            SyntaxConfig::builder()
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_recursion_limit(RECURSION_LIMIT);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        // It prints the whole state: nothing a chat template needs.
+        env.remove_global("debug");
+        guard::add_bounded_filters(&mut env);
+        let config = TemplateConfig {
+            syntax_config: SyntaxConfig::builder()
                 .trim_blocks(true)
                 .lstrip_blocks(true)
                 .build()
                 .map_err(|e| template_error("configuring the template syntax", &e))?,
-        );
-        env.set_auto_escape_callback(|_| AutoEscape::None);
-        env.set_undefined_behavior(UndefinedBehavior::Lenient);
-        env.set_recursion_limit(RECURSION_LIMIT);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| template_error("compiling the chat template", &e))?;
-        Ok(Self {
+            default_auto_escape: Arc::new(|_| AutoEscape::None),
+        };
+        let template = Self {
             env,
+            config,
             source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+        };
+        guard::check_constant_folding(source, template.config.syntax_config.clone())
+            .map_err(|e| template_error("compiling the chat template", &e))?;
+        template.compile()?;
+        Ok(template)
+    }
+
+    /// The template's code with its guards, and its blocks likewise. Compiled for each render:
+    /// the code borrows the source, so it cannot be kept beside it (compiling takes
+    /// microseconds).
+    fn compile(&self) -> Result<GuardedCode<'_>> {
+        let compiled = CompiledTemplate::new(TEMPLATE_NAME, &self.source, &self.config)
+            .map_err(|e| template_error("compiling the chat template", &e))?;
+        let instrument = |code| {
+            guard::instrument(code).map_err(|e| template_error("compiling the chat template", &e))
+        };
+        let blocks = compiled
+            .blocks
+            .iter()
+            .map(|(name, code)| Ok((*name, instrument(code)?)))
+            .collect::<Result<_>>()?;
+        Ok(GuardedCode {
+            code: instrument(&compiled.instructions)?,
+            blocks,
         })
     }
 
@@ -132,30 +185,43 @@ impl ChatTemplate {
             .saturating_add(FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64))
             .saturating_add(message_bytes as u64 / MESSAGE_BYTES_PER_FUEL);
         let output_limit = BASE_OUTPUT_LIMIT.saturating_add(message_bytes.saturating_mul(2));
+        let value_limit = BASE_VALUE_LIMIT.saturating_add(
+            (message_bytes as u64)
+                .saturating_add(MESSAGE_VALUE_BYTES.saturating_mul(messages.len() as u64))
+                .saturating_mul(4),
+        );
 
-        // Fuel is a setting of the environment; a clone shares the compiled template.
+        let guarded = self.compile()?;
+        // Fuel and the guards' limits are settings of the environment; a clone is cheap.
         let mut env = self.env.clone();
         env.set_fuel(Some(fuel));
-        let template = env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| template_error("loading the chat template", &e))?;
+        guard::install(&mut env, value_limit, TIME_LIMIT);
         let ctx = context! {
             messages => Serde(messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         };
-        let mut output = LimitedOutput {
-            bytes: Vec::new(),
-            limit: output_limit,
-            overflowed: false,
+        // The output grows by at most what fuel pays for (a byte per 1/64 fuel) plus one
+        // guarded value per step; its limit is checked at the end.
+        let mut text = String::new();
+        let result = machinery::eval(
+            &env,
+            &guarded.code,
+            ctx,
+            &guarded.blocks,
+            &mut machinery::make_string_output(&mut text),
+            AutoEscape::None,
+        );
+        let output_error = || {
+            Error::ChatTemplate(format!(
+                "rendering the chat template: the output exceeds its limit of {output_limit} \
+                 bytes (1 MiB plus twice the size of the messages)"
+            ))
         };
-        if let Err(e) = template.render_captured_to(ctx, &mut output) {
-            return Err(if output.overflowed {
-                Error::ChatTemplate(format!(
-                    "rendering the chat template: the output exceeds its limit of {output_limit} \
-                     bytes (1 MiB plus twice the size of the messages)"
-                ))
+        if let Err(e) = result {
+            return Err(if text.len() > output_limit {
+                output_error()
             } else if e.kind() == ErrorKind::OutOfFuel {
                 Error::ChatTemplate(format!(
                     "rendering the chat template: it used up its budget of {fuel} fuel \
@@ -165,10 +231,9 @@ impl ChatTemplate {
                 template_error("rendering the chat template", &e)
             });
         }
-        // minijinja writes whole `&str`s, so this cannot fail; still, no panic on a bug there.
-        let text = String::from_utf8(output.bytes).map_err(|_| {
-            Error::ChatTemplate("rendering the chat template: the output is not UTF-8".into())
-        })?;
+        if text.len() > output_limit {
+            return Err(output_error());
+        }
         Ok(match text.strip_prefix(self.bos_token.as_str()) {
             Some(rest) if !self.bos_token.is_empty() => rest.to_string(),
             _ => text,
@@ -176,26 +241,10 @@ impl ChatTemplate {
     }
 }
 
-/// The render target: collects the output and refuses to grow past `limit`.
-struct LimitedOutput {
-    bytes: Vec<u8>,
-    limit: usize,
-    overflowed: bool,
-}
-
-impl std::io::Write for LimitedOutput {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len().saturating_add(buf.len()) > self.limit {
-            self.overflowed = true;
-            return Err(std::io::Error::other("chat template output limit exceeded"));
-        }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// A template's instrumented code, borrowing its source.
+struct GuardedCode<'s> {
+    code: Instructions<'s>,
+    blocks: BTreeMap<&'s str, Instructions<'s>>,
 }
 
 /// `Error::ChatTemplate` from a minijinja error, its causes included, at a readable length.
@@ -358,7 +407,8 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 mod tests {
     use super::*;
     use crate::gguf::{names, GgufFile};
-    use std::time::{Duration, Instant};
+    use crate::test_support::peak_allocation;
+    use std::time::Instant;
 
     const BOS: &str = "<s>";
     const EOS: &str = "<|endoftext|>";
@@ -504,6 +554,143 @@ mod tests {
         assert_eq!(render(source, &[]).unwrap(), "012");
     }
 
+    /// Phi-3.5-mini-instruct's template (its `tokenizer_config.json`): a system message only
+    /// when it has content.
+    const PHI35_TEMPLATE: &str = "{% for message in messages %}\
+{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}\
+{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}\
+{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}\
+{% endif %}{% endfor %}\
+{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}";
+
+    /// Phi-4-mini-instruct's template: no newlines, any role, tools in the system message.
+    const PHI4_MINI_TEMPLATE: &str = "{% for message in messages %}\
+{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}\
+{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}\
+{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}\
+{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}";
+
+    #[test]
+    fn renders_the_phi_family_templates() {
+        let messages = vec![
+            Message::new("system", ""),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello."),
+            Message::new("user", "Write a haiku"),
+        ];
+        assert_eq!(
+            render(PHI35_TEMPLATE, &messages).unwrap(),
+            "<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n<|user|>\nWrite a haiku<|end|>\n\
+             <|assistant|>\n"
+        );
+        assert_eq!(
+            render(PHI4_MINI_TEMPLATE, &messages).unwrap(),
+            "<|system|><|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|><|user|>Write a haiku\
+             <|end|><|assistant|>"
+        );
+    }
+
+    /// How phi3 rendered before its guards: minijinja with the same settings and functions,
+    /// nothing instrumented.
+    fn render_unguarded(source: &str, messages: &[Message], add_generation_prompt: bool) -> String {
+        let mut env = Environment::new();
+        env.set_syntax(
+            SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .unwrap(),
+        );
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template(TEMPLATE_NAME, source).unwrap();
+        let ctx = context! {
+            messages => Serde(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => BOS,
+            eos_token => EOS,
+        };
+        let text = env
+            .get_template(TEMPLATE_NAME)
+            .unwrap()
+            .render(ctx)
+            .unwrap();
+        text.strip_prefix(BOS).map_or(text.clone(), str::to_string)
+    }
+
+    /// The guards change nothing a template that stays within its limits renders: the Phi
+    /// family's templates, and templates using what guards touch (lists, maps, lazy sequences,
+    /// namespaces, macros, filters, methods, formatting, loops).
+    #[test]
+    fn guards_change_no_output() {
+        let fixture = gguf_template("phi3-vocab.gguf");
+        let mut sources = vec![
+            PHI3_TEMPLATE,
+            fixture.source(),
+            PHI35_TEMPLATE,
+            PHI4_MINI_TEMPLATE,
+            "{% set ns = namespace(roles=[], text='', n=0) %}{% for m in messages %}\
+             {% set ns.roles = ns.roles + [m.role] %}{% set ns.text = ns.text ~ m.content[:3] %}\
+             {% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.roles|join(',') }}|{{ ns.text }}|{{ ns.n }}|{{ ns }}",
+            "{% for g in messages|groupby('role') %}{{ g.grouper }}={{ g.list|length }}{{ g }};{% endfor %}",
+            "{{ messages|map(attribute='role')|unique|list }}|{{ messages|tojson }}\
+             |{{ {'b': 1, 'a': [1, 2, (3, 4)]}|tojson(indent=2) }}|{{ messages|first|items|list }}",
+            "{{ messages[0] }}|{{ messages[0].items()|list }}|{{ dict(a=1, b=messages|length) }}\
+             |{{ range(5)|list }}|{{ range(3) }}|{{ messages[0]|dictsort }}",
+            "{{ messages|selectattr('role', 'equalto', 'user')|map(attribute='content')|map('upper')|join(' / ') }}\
+             |{{ messages|select }}|{{ (messages|map(attribute='role'))[0] }}|{{ messages|reverse }}",
+            "{{ messages[1:] }}|{{ messages[::-1]|map(attribute='role')|list }}|{{ messages[1:] is sequence }}\
+             |{{ messages[1:][0] }}|{{ (messages|reverse) is sequence }}|{{ 'abc'[1:] }}",
+            "{{ [1, 2] + [3] }}|{{ ([1, 2] + [3])[1] }}|{{ ([1, 2] + [3]) is sequence }}|{{ [0] * 3 }}\
+             |{{ (1, 2) + (3,) }}|{{ 'ab' * 3 }}|{{ {'a': 1}|chain({'b': 2}) }}|{{ [1]|chain([2], [3]) }}\
+             |{{ ([1]|chain([2])) is sequence }}|{{ messages|zip([1, 2])|list }}",
+            "{{ '%s-%05d'|format('x', 42) }}|{{ '{}:{:>6}'.format('k', 'v') }}|{{ messages|length > 1 and messages[-1].role }}\
+             |{% for k, v in {'x': 1, 'y': 2}|dictsort %}{{ k }}{{ v }}{% endfor %}|{% for a, b in [[1, 2], [3, 4]] %}{{ a + b }}{% endfor %}",
+            "{% macro row(a, b='d') %}<{{ a }}{{ b }}>{% endmacro %}{{ row(1) }}{{ row(1, 2) }}{{ row(*[3, 4]) }}{{ row(**{'a': 5}) }}\
+             {% macro box() %}[{{ caller(7) }}]{% endmacro %}{% call(x) box() %}{{ x }}{% endcall %}",
+            "{% set x %}captured {{ messages|length }}{% endset %}{{ x|trim }}\
+             {% for m in messages %}{{ loop.index }}{{ loop.cycle('a', 'b') }}{% if loop.changed(m.role) %}!{% endif %}\
+             {{ loop.previtem.role if loop.previtem else '-' }}{{ loop.length }}{% endfor %}\
+             {% filter upper %}shout {{ messages[0].role }}{% endfilter %}|{{ messages|batch(2)|list }}|{{ messages|slice(2)|list }}",
+            "{{ messages|sort(attribute='role')|map(attribute='role')|list }}|{{ messages|map(attribute='content')|max }}\
+             |{% set a, b = (messages + messages)[:2] %}{{ b.role }}|{{ messages|list == messages }}|{{ 'user' in messages|map(attribute='role') }}",
+        ];
+        let sources_of_other_tests = [
+            "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m['content'] }}]\n    {% endif %}\n{% endfor %}\n",
+            "{{ messages[0].content.strip() }}|{{ messages[-1].content.lower().split(' ') | join(',') }}\
+             |{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}|{{ '<&>' }}|{{ undefined_thing }}",
+            "{% for i in range(10) %}{% if i == 3 %}{% break %}{% endif %}{{ i }}{% endfor %}",
+        ];
+        sources.extend(sources_of_other_tests);
+        let conversations = [
+            user("Write a haiku about ice hockey"),
+            vec![
+                Message::new("system", "  Be brief. "),
+                Message::new("user", "Hi"),
+                Message::new("assistant", "Hello. ✨"),
+                Message::new("user", "Écris un haïku"),
+            ],
+            vec![Message::new("user", ""), Message::new("assistant", "")],
+        ];
+        for source in sources {
+            for messages in &conversations {
+                for add_generation_prompt in [true, false] {
+                    let guarded = ChatTemplate::new(source, BOS, EOS)
+                        .and_then(|t| t.render(messages, add_generation_prompt))
+                        .unwrap_or_else(|e| panic!("{source}: {e}"));
+                    assert_eq!(
+                        guarded,
+                        render_unguarded(source, messages, add_generation_prompt),
+                        "{source}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn raise_exception_is_a_chat_template_error() {
         let source = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}ok";
@@ -550,34 +737,76 @@ mod tests {
         }
     }
 
-    /// Each hostile template fails with `Error::ChatTemplate` in well under a second.
+    /// Templates that try to make the render take memory, stack or time out of proportion to
+    /// its fuel, each with a word of the error it must fail with.
+    const HOSTILE: &[(&str, &str)] = &[
+        // Huge values in one step.
+        ("{{ 'a' * 10**9 }}", "fuel"),
+        ("{% set x = 'a' * 10**9 %}", "fuel"),
+        ("{% set n = 10**8 %}{{ [0] * n }}", "more than"),
+        ("{% set n = 10**8 %}{% set a, b = [0] * n %}", "more than"),
+        ("{% set n = 10**8 %}{{ ([0] * n)|string|length }}", "more than"),
+        ("{% set n = 10**8 %}{{ (0,) * n }}", "fuel"),
+        ("{{ range(10**9) | list }}", "range"),
+        ("{{ [1]|batch(10**8, 0) }}", "fuel"),
+        ("{{ ('x\n' * 1000)|indent(10**6) }}", "fuel"),
+        ("{{ ('a' * 100000)|replace('a', 'b' * 100000) }}", "fuel"),
+        ("{{ [1]|tojson(indent=10**9) }}", "indent"),
+        ("{{ '{:>1000000000}'.format('x') }}", "format"),
+        ("{{ '{:{}}'.format('x', 10**9) }}", "format"),
+        ("{% set s = 'x' * 1000000 %}{{ '%(a)s%(a)s%(a)s'|format(a=s) }}", "format"),
+        ("{% set s = 'x' * 1000000 %}{{ '{0}{0}{0}'.format(s) }}", "format"),
+        // ... and folded into constants while compiling.
+        ("{{ [0] * 10**8 }}", "constant"),
+        ("{{ [0]*10**8 + [0]*10**8 + [0]*10**8 }}", "constant"),
+        ("{% if [0]*10**8 == [0]*10**8 %}{% endif %}", "constant"),
+        ("{{ [[0] * 1000] * 1000 }}", "more than"),
+        // Doubling: small steps, exponential data.
+        ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "fuel"),
+        ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s.replace('a', 'aa') %}{% endfor %}", "fuel"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = ns.x + ns.x %}{% endfor %}", "more than"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}", "more than"),
+        ("{% set ns = namespace(x={}) %}{% for i in range(64) %}{% set ns.x = {'a': ns.x, 'b': ns.x} %}{% endfor %}", "more than"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = dict(a=ns.x, b=ns.x) %}{% endfor %}", "more than"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = ns.x * 2 %}{% endfor %}", "more than"),
+        // Many copies of one value.
+        ("{% set s = 'x' * 1000000 %}{{ ([s] * 100)|join }}", "more than"),
+        ("{% set s = 'x' * 1000000 %}{{ [s, s, s, s, s, s, s, s, s, s]|tojson }}", "more than"),
+        ("{% macro m() %}{{ varargs|length }}{% endmacro %}{% set s = 'x' * 1000000 %}{{ m(s, s, s, s, s, s, s, s, s, s) }}", "more than"),
+        // Nesting too deep to walk or drop.
+        ("{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}{% endfor %}", "deep"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(100000) %}{% set ns.x = ns.x[0:] %}{% endfor %}{{ ns.x }}", "fuel"),
+        ("{% set ns = namespace(x={}) %}{% for i in range(100000) %}{% set ns.x = ns.x|chain({}) %}{% endfor %}{{ ns.x }}", "fuel"),
+        ("{% set ns = namespace(x=[1]) %}{% for i in range(100000) %}{% set ns.x = ns.x|select %}{% endfor %}{{ ns.x }}", "fuel"),
+        // A namespace holding itself, or shared where growing it would grow what holds it.
+        ("{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}", "namespace"),
+        ("{% set ns = namespace() %}{% set l = [ns] * 1000 %}", "namespace"),
+        ("{% set ns = namespace() %}{% set v = ns|chain({}) %}{% set ns.v = v %}{{ ns }}", "namespace"),
+        ("{% set ns = namespace() %}{% set ns.i = ns.items() %}", "namespace"),
+        // Work that fuel does not pay for.
+        ("{% set a = ['x' * 100000] * 40 %}{% set b = ['x' * 100000] * 40 %}{% for i in range(100000) %}{% if [a] == [b] %}{% endif %}{% endfor %}", "fuel"),
+        // Long loops.
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}", ""),
+        // Output far past the limit.
+        ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output"),
+        // Recursion: macros, recursive loops.
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+        ("{% for m in [[1]] recursive %}{{ loop([m]) }}{% endfor %}", "recursion"),
+        // No other templates, so no filesystem either.
+        ("{% include 'chat_template' %}", "not supported"),
+        ("{% include '/etc/passwd' %}", "not supported"),
+        ("{% extends '../Cargo.toml' %}", "not supported"),
+        ("{% import 'x' as y %}", "not supported"),
+    ];
+
+    /// Each hostile template fails with `Error::ChatTemplate` in well under a second, holding
+    /// a few megabytes at most.
     #[test]
-    fn hostile_templates_fail_quickly() {
-        let cases: &[(&str, &str)] = &[
-            // Huge allocations in one step.
-            ("{{ 'a' * 10**9 }}", "fuel"),
-            ("{% set x = 'a' * 10**9 %}", "fuel"),
-            ("{{ ['a'] * 10**9 }}", ""),
-            ("{{ range(10**9) | list }}", "range"),
-            // Doubling: small steps, exponential data.
-            ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "fuel"),
-            ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s.replace('a', 'aa') %}{% endfor %}", ""),
-            // Long loops.
-            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
-            ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}", ""),
-            // Output far past the limit.
-            ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output"),
-            // Recursion: macros, recursive loops, the template including itself.
-            ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
-            ("{% for m in [[1]] recursive %}{{ loop([m]) }}{% endfor %}", "recursion"),
-            ("{% include 'chat_template' %}", "recursion"),
-            // No filesystem.
-            ("{% include '/etc/passwd' %}", "not found"),
-            ("{% extends '../Cargo.toml' %}", "not found"),
-        ];
-        for (source, needle) in cases {
+    fn hostile_templates_fail_quickly_and_small() {
+        for (source, needle) in HOSTILE {
             let start = Instant::now();
-            let result = render(source, &user("hi"));
+            let (result, peak) = peak_allocation(|| render(source, &user("hi")));
             let elapsed = start.elapsed();
             match result {
                 Err(Error::ChatTemplate(msg)) => {
@@ -589,6 +818,16 @@ mod tests {
                 elapsed < Duration::from_secs(2),
                 "{source} took {elapsed:?}"
             );
+            assert!(peak < 64 << 20, "{source} held {} MiB", peak >> 20);
+        }
+    }
+
+    #[test]
+    fn oversized_templates_are_refused() {
+        let source = "{{ messages[0].content }}".repeat(MAX_TEMPLATE_BYTES / 20);
+        match ChatTemplate::new(&source, BOS, EOS) {
+            Err(Error::ChatTemplate(msg)) => assert!(msg.contains("over the limit"), "{msg}"),
+            other => panic!("{other:?}"),
         }
     }
 

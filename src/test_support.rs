@@ -32,8 +32,8 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
 }
 
 /// The test binary's allocator: the system's, counting on each thread the largest single
-/// allocation and the bytes allocated, so tests can prove that hostile input allocates nothing
-/// big ([`allocations`]).
+/// allocation, the bytes allocated and the bytes live, so tests can prove that hostile input
+/// allocates nothing big ([`allocations`]) and holds little at once ([`peak_allocation`]).
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
@@ -42,12 +42,23 @@ struct CountingAllocator;
 thread_local! {
     static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static TOTAL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    // Signed: a thread may free what another allocated.
+    static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    static PEAK: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
 }
 
 fn note_allocation(size: usize) {
     // `try_with`: allocations made while the thread's locals are torn down are not counted.
     let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
     let _ = TOTAL.try_with(|t| t.set(t.get().saturating_add(size)));
+    note_live(size as isize);
+}
+
+fn note_live(change: isize) {
+    let _ = LIVE.try_with(|live| {
+        live.set(live.get().saturating_add(change));
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(live.get())));
+    });
 }
 
 // SAFETY: every call is forwarded to the system allocator unchanged; counting allocates nothing.
@@ -66,11 +77,13 @@ unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         note_allocation(new_size);
+        note_live(-(layout.size() as isize));
         // SAFETY: the caller's contract is passed on.
         unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        note_live(-(layout.size() as isize));
         // SAFETY: the caller's contract is passed on.
         unsafe { std::alloc::System.dealloc(ptr, layout) }
     }
@@ -84,4 +97,13 @@ pub fn allocations<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
     let largest = LARGEST.with(|l| l.get());
     let total = TOTAL.with(|t| t.get()) - total_before;
     (result, largest, total)
+}
+
+/// What `f` returns, and the most bytes it held allocated at once on this thread.
+pub fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let start = LIVE.with(|l| l.get());
+    PEAK.with(|p| p.set(start));
+    let result = f();
+    let peak = PEAK.with(|p| p.get()) - start;
+    (result, peak.max(0) as usize)
 }

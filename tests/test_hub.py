@@ -3,12 +3,13 @@ then offline, from the cache alone."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import fixture_path
-from hub_server import COMMIT, HubServer
+from hub_server import COMMIT, MODES, HubServer
 from phi3 import DownloadError, Phi3
 
 REPO = "tiny-owner/tiny-phi3-gguf"
@@ -63,3 +64,31 @@ def test_unreachable_hub(hub_env: Path, monkeypatch: pytest.MonkeyPatch) -> None
 def test_repo_without_filename() -> None:
     with pytest.raises(ValueError, match="filename"):
         Phi3("someone/some-repo")
+
+
+# What each hostile hub's error says.
+HOSTILE_ERRORS = {
+    "etag-traversal": "ETag",
+    "commit-traversal": "X-Repo-Commit",
+    "stall-headers": "timed out",
+    "stall-body": "timed out",
+    "huge-length": "bytes free",
+    "long-body": "than the .* bytes it announced",
+    "redirect-loop": "redirected more than",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_hostile_hub(hub_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+    with HubServer(REPO, {FILE: fixture_path(FILE)}, mode=mode) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match=HOSTILE_ERRORS[mode]):
+            Phi3(REPO, filename=FILE)
+        assert time.monotonic() - start < 10
+    cache = hub_env / "hub"
+    outside = [p for p in tmp_path.rglob("*") if p != hub_env and p != cache and cache not in p.parents]
+    assert outside == []
+    assert list(cache.glob("models--*/snapshots/**/*.gguf")) == []
