@@ -10,10 +10,13 @@
 //! `ThreadPool::install` decides the threads.
 
 pub mod blocks;
+mod gemm;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(test)]
+mod gemm_tests;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +29,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use blocks::*;
+pub use gemm::{gemm, gemm_at};
 
 /// Rows per rayon task.
 pub const ROWS_PER_TASK: usize = 32;
