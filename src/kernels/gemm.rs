@@ -1,14 +1,15 @@
 //! Quantized matrix-matrix products (prompt prefill) on GGUF blocks: for `n` activation rows at
 //! once, `out[i * rows + r] = dot(row r of W, row i of x)`.
 //!
-//! The activation rows are quantized once, in parallel, as [`gemv`] quantizes its one row. Then
-//! each rayon task takes a tile of [`TILE_ROWS`] weight rows and sweeps every activation row past
-//! it, [`GROUP`] rows at a time, so that the tile's weights stay in cache while the activations
-//! stream; the kernels unpack each weight block once for a whole group of activation rows.
+//! The activation rows are quantized once, in parallel, as [`gemv`](super::gemv) quantizes its
+//! one row. Then each rayon task takes a tile of weight rows and sweeps every activation row past
+//! it a few at a time, so that the tile's weights stay in cache while the activations stream,
+//! and each weight block is unpacked once for several activation rows:
 //!
-//! - AVX-512 VNNI, quantized types: the tile and the activations are repacked so that one
-//!   `vpdpbusd` works on 16 scale groups at once (`x86::avx512_gemm`).
-//! - AVX2, quantized types: gemv's kernels taking several activation rows per weight block.
+//! - AVX-512 VNNI, quantized types: the tile and the activations are repacked into panels on
+//!   which one `vpdpbusd` works on 16 scale groups at once, and a microkernel takes 3 weight rows
+//!   by 4 activation rows (`x86::avx512_gemm`).
+//! - AVX2, quantized types: gemv's kernels taking [`GROUP`] activation rows per weight block.
 //! - Scalar, and F16/F32 at every level: gemv's dot per (weight row, activation row) pair.
 //!
 //! Results equal gemv's row by row up to float summation order; where the kernels are gemv's own
@@ -28,12 +29,16 @@ use crate::error::{Error, Result};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 
-/// Weight rows per rayon task: 32 rows of a 3072-column Q4_K matrix are 54 KiB (repacked for
-/// AVX-512: 120 KiB), well inside L2 next to the activations streaming through.
+/// Weight rows per rayon task for the gemv-based kernels: 32 rows of a 3072-column Q4_K matrix
+/// are 54 KiB, well inside L2 next to the activations streaming through.
 pub const TILE_ROWS: usize = 32;
 
 /// Activation rows the gemv-based kernels take per weight block.
 pub const GROUP: usize = 4;
+
+/// The fewest activation rows worth repacking the weights for (AVX-512): below this, gemv row by
+/// row is faster (measured on Phi-3-mini's Q4_K, Q6_K and Q8_0 matrices).
+const PACKED_MIN_ROWS: usize = 4;
 
 /// `out[i * rows + r] = dot(row r of W, row i of x)` for `i in 0..n`, `r in 0..rows`, at
 /// [`level`].
@@ -91,7 +96,7 @@ pub fn gemm_at(
         )));
     }
     let block = dtype.block_size();
-    if cols % block != 0 {
+    if !cols.is_multiple_of(block) {
         return Err(Error::invalid_argument(format!(
             "cols: {cols} is not a multiple of {dtype:?}'s block size {block}"
         )));
@@ -107,14 +112,20 @@ pub fn gemm_at(
             expected.map_or_else(too_big, |n| n.to_string())
         )));
     }
-    if n == 1 {
-        return gemv_at(level, dtype, weights, rows, cols, x, out);
-    }
     if rows == 0 || n == 0 {
         return Ok(());
     }
     if cols == 0 {
         out.fill(0.0);
+        return Ok(());
+    }
+    // One activation row is gemv's job; with AVX-512 so are a few more, as the kernels there
+    // repack every weight row first, which costs about as much as 3 gemv calls.
+    let packs = level == CpuLevel::Avx512Vnni && dtype.block_size() > 1;
+    if n < if packs { PACKED_MIN_ROWS } else { 2 } {
+        for (x, out) in x.chunks(cols).zip(out.chunks_mut(rows)) {
+            gemv_at(level, dtype, weights, rows, cols, x, out)?;
+        }
         return Ok(());
     }
 
@@ -220,37 +231,48 @@ fn groups_par<B: Sync, Y: Sync>(
     out: &SharedOut,
     dot: impl Fn(&[B], &[&[Y]], &mut [f32]) + Sync,
 ) {
-    tiles_par(out, |tile| {
-        let mut ys = [&y[..0]; GROUP];
-        let mut res = [0f32; GROUP];
-        for i0 in (0..n).step_by(GROUP) {
-            let m = GROUP.min(n - i0);
-            for (k, ys) in ys[..m].iter_mut().enumerate() {
-                let i = i0 + k;
-                *ys = &y[i * per_row..(i + 1) * per_row];
-            }
-            for r in tile.rows() {
-                dot(&w[r * per_row..(r + 1) * per_row], &ys[..m], &mut res[..m]);
-                for (k, &v) in res[..m].iter().enumerate() {
-                    tile.set(i0 + k, r, v);
+    tiles_par(
+        out,
+        TILE_ROWS,
+        || (),
+        |(), tile| {
+            let mut ys = [&y[..0]; GROUP];
+            let mut res = [0f32; GROUP];
+            for i0 in (0..n).step_by(GROUP) {
+                let m = GROUP.min(n - i0);
+                for (k, ys) in ys[..m].iter_mut().enumerate() {
+                    let i = i0 + k;
+                    *ys = &y[i * per_row..(i + 1) * per_row];
+                }
+                for r in tile.rows() {
+                    dot(&w[r * per_row..(r + 1) * per_row], &ys[..m], &mut res[..m]);
+                    for (k, &v) in res[..m].iter().enumerate() {
+                        tile.set(i0 + k, r, v);
+                    }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
-/// Runs `f` on every tile of [`TILE_ROWS`] weight rows in parallel.
-pub(super) fn tiles_par(out: &SharedOut, f: impl Fn(&mut Tile) + Sync) {
-    (0..out.rows.div_ceil(TILE_ROWS))
+/// Runs `f` on every tile of `tile_rows` weight rows in parallel, with scratch space from `init`
+/// (made once per rayon job, reused across its tiles).
+pub(super) fn tiles_par<S>(
+    out: &SharedOut,
+    tile_rows: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, &mut Tile) + Sync + Send,
+) {
+    (0..out.rows.div_ceil(tile_rows))
         .into_par_iter()
-        .for_each(|t| {
-            let start = t * TILE_ROWS;
+        .for_each_init(init, |scratch, t| {
+            let start = t * tile_rows;
             // The only Tile of these rows: `tiles_par` makes one per tile index.
             let mut tile = Tile {
                 out,
-                rows: start..out.rows.min(start + TILE_ROWS),
+                rows: start..out.rows.min(start + tile_rows),
             };
-            f(&mut tile)
+            f(scratch, &mut tile)
         });
 }
 
@@ -297,5 +319,12 @@ impl Tile<'_> {
         // (asserted in `SharedOut::new`), which `SharedOut` borrows mutably for its lifetime;
         // only this tile writes row `r`'s outputs.
         unsafe { *self.out.ptr.add(i * self.out.rows + r) = v }
+    }
+
+    /// `out[i * rows + r] += v`, for `r` in this tile.
+    pub(super) fn add(&mut self, i: usize, r: usize, v: f32) {
+        assert!(i < self.out.n && self.rows.contains(&r));
+        // SAFETY: as in `set`.
+        unsafe { *self.out.ptr.add(i * self.out.rows + r) += v }
     }
 }

@@ -3,6 +3,7 @@ use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::blocks::{quantize_q8_0, quantize_q8k, QK8_0, QK_K};
 use super::tests::{
     assert_close_to_reference, levels, quantized, randn, random_blocks, Aligned, K_TYPES,
     SMALL_TYPES,
@@ -110,10 +111,11 @@ fn gemm_matches_gemv_row_by_row() {
 
 #[test]
 fn gemm_matches_gemv_on_random_bits() {
-    // Every quant bit pattern, not just the ones a quantizer produces.
+    // Every quant bit pattern, not just the ones a quantizer produces; 8448 columns take
+    // AVX-512 over K in chunks.
     let mut rng = StdRng::seed_from_u64(12);
     for dtype in all_types() {
-        for (rows, cols, n) in [(19usize, 512usize, 5usize), (9, 3328, 18)] {
+        for (rows, cols, n) in [(19usize, 512usize, 5usize), (9, 3328, 18), (5, 8448, 6)] {
             let w = random_blocks(&mut rng, dtype, rows * cols / dtype.block_size());
             let x = randn(&mut rng, n * cols);
             check(dtype, w.bytes(), rows, &x, n);
@@ -158,6 +160,66 @@ fn gemm_exact_when_the_arithmetic_is() {
         for level in levels() {
             let got = gemm_vec(level, dtype, w.bytes(), rows, &x, n);
             assert_bits_eq(&format!("{dtype:?} {level}"), &got, &want);
+        }
+    }
+}
+
+/// The AVX-512 path's own activation quantizers against the ones gemv uses: bit for bit, on
+/// random blocks and on ties, NaN, infinities, zeros and a largest magnitude of both signs.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_quantizers_match_gemvs() {
+    use super::x86::avx512_gemm::{quantize_q8_0_block, quantize_q8k_block};
+    if hardware_level() < CpuLevel::Avx512Vnni {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(18);
+    let mut blocks: Vec<Vec<f32>> = (0..200).map(|_| randn(&mut rng, QK_K)).collect();
+    let special = [
+        0.5,
+        -0.5,
+        1.5,
+        2.5,
+        -2.5,
+        0.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        -f32::INFINITY,
+    ];
+    for k in 0..40 {
+        // Ties: integers and halves against a largest magnitude of 127 (scale -1 or 1).
+        let mut b: Vec<f32> = (0..QK_K)
+            .map(|_| rng.random_range(-254..=254) as f32 / 2.0)
+            .collect();
+        b[rng.random_range(0..QK_K)] = if k % 2 == 0 { 127.0 } else { -127.0 };
+        blocks.push(b);
+        // A few special values in a random block.
+        let mut b = randn(&mut rng, QK_K);
+        for _ in 0..3 {
+            b[rng.random_range(0..QK_K)] = special[rng.random_range(0..special.len())];
+        }
+        blocks.push(b);
+    }
+    // Both signs of the largest magnitude: the first one decides the sign of the scale.
+    let mut b = vec![0.25f32; QK_K];
+    (b[3], b[9]) = (-2.0, 2.0);
+    blocks.push(b);
+    blocks.push(vec![0.0; QK_K]);
+    blocks.push(vec![f32::NAN; QK_K]);
+    for x in &blocks {
+        let want = &quantize_q8k(x)[0];
+        let mut q = [0u8; QK_K];
+        // SAFETY: the CPU has AVX-512 (checked above).
+        let d = unsafe { quantize_q8k_block(x, &mut q) };
+        assert_eq!(d.to_bits(), want.d.to_bits(), "{x:?}");
+        assert!(q.iter().zip(&want.qs).all(|(&a, &b)| a as i8 == b), "{x:?}");
+        for (x, want) in x.chunks(QK8_0).zip(quantize_q8_0(x)) {
+            let mut q = [0u8; QK8_0];
+            // SAFETY: as above.
+            let d = unsafe { quantize_q8_0_block(x, &mut q) };
+            assert_eq!(d.to_bits(), want.d.to_bits(), "{x:?}");
+            assert!(q.iter().zip(&want.qs).all(|(&a, &b)| a as i8 == b), "{x:?}");
         }
     }
 }
@@ -231,7 +293,7 @@ fn gemm_argument_errors() {
         inv(gemm_at(level, q4k, w, 4, 100, &x100, 3, &mut out), "cols");
         // Misaligned data: an error, not UB.
         let mut buf = vec![0u8; w.len() + 1];
-        let off = if buf.as_ptr() as usize % 2 == 0 { 1 } else { 0 };
+        let off = usize::from((buf.as_ptr() as usize).is_multiple_of(2));
         buf[off..off + w.len()].copy_from_slice(w);
         inv(
             gemm_at(
