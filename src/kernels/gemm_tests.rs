@@ -1,4 +1,7 @@
-use candle_core::quantized::GgmlDType;
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{Device, Module, Tensor};
 use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -343,8 +346,9 @@ fn gemm_argument_errors() {
 
 /// Prefill speed on Phi-3-mini's matrices: for n = 512 activation rows on 2 threads, per level,
 /// the time and GOPS of each layer matrix for gemm and for gemv row by row (timed on 64 rows and
-/// scaled), and the tokens/s of 32 layers of the four. Random blocks (valid scales). Run in
-/// release: `cargo test --release --lib kernels::gemm_tests::gemm_timing -- --ignored
+/// scaled), and the tokens/s of 32 layers of the four; then the same for candle's `QMatMul`
+/// (today's prefill; its own thread pool, one thread per core). Random blocks (valid scales).
+/// Run in release: `cargo test --release --lib kernels::gemm_tests::gemm_timing -- --ignored
 /// --nocapture`.
 #[test]
 #[ignore]
@@ -411,4 +415,26 @@ fn gemm_timing() {
             n as f64 / (layers * sum_gemv)
         );
     }
+    let mut sum = 0.0;
+    for ((name, dtype, rows, cols), (w, x)) in mats.iter().zip(&data) {
+        let (rows, cols) = (*rows, *cols);
+        let storage = QStorage::from_data(Cow::Borrowed(w.bytes()), &Device::Cpu, *dtype).unwrap();
+        let mm = QMatMul::from_qtensor(QTensor::new(storage, (rows, cols)).unwrap()).unwrap();
+        let x = Tensor::from_slice(x, (n, cols), &Device::Cpu).unwrap();
+        let t = best(3, &mut || {
+            mm.forward(&x).unwrap();
+        });
+        let gops = 2.0 * (rows * cols * n) as f64 / t / 1e9;
+        println!(
+            "{:>10} {name:>11} {dtype:?} {rows}x{cols}: QMatMul {:7.1} ms {gops:6.1} GOPS",
+            "candle",
+            t * 1e3
+        );
+        sum += t;
+    }
+    println!(
+        "{:>10} 32 layers: QMatMul {:.1} tokens/s",
+        "candle",
+        n as f64 / (layers * sum)
+    );
 }
