@@ -1,4 +1,4 @@
-//! AVX-512 VNNI kernels for [`gemm`](crate::kernels::gemm) on the quantized types.
+//! AVX-512 VNNI kernels for [`gemm`](crate::kernels::gemm()) on the quantized types.
 //!
 //! Both operands are repacked into [`Panel`]s of 16 scale groups side by side (sub-blocks of the
 //! K-quants, blocks of Q8_0/Q4_0), transposed so that lane t of `q[v]` holds values 4v..4v+4 of
