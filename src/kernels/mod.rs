@@ -11,11 +11,14 @@
 
 pub mod blocks;
 pub mod cpu_info;
+mod gemm;
 pub mod reference;
 pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(test)]
+mod gemm_tests;
 #[cfg(test)]
 mod tests;
 
@@ -28,6 +31,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use blocks::*;
+pub use gemm::{gemm, gemm_at};
 
 /// Rows per rayon task.
 pub const ROWS_PER_TASK: usize = 32;

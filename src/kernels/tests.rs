@@ -8,20 +8,20 @@ use super::blocks::*;
 use super::*;
 use crate::error::Error;
 
-const K_TYPES: [GgmlDType; 3] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
-const SMALL_TYPES: [GgmlDType; 4] = [
+pub(super) const K_TYPES: [GgmlDType; 3] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+pub(super) const SMALL_TYPES: [GgmlDType; 4] = [
     GgmlDType::Q8_0,
     GgmlDType::Q4_0,
     GgmlDType::F16,
     GgmlDType::F32,
 ];
 
-fn levels() -> Vec<CpuLevel> {
+pub(super) fn levels() -> Vec<CpuLevel> {
     let hw = hardware_level();
     CpuLevel::ALL.into_iter().filter(|&l| l <= hw).collect()
 }
 
-fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
+pub(super) fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
     // Sum of uniforms: roughly normal, plus an occasional outlier as real activations have.
     (0..n)
         .map(|_| {
@@ -37,9 +37,9 @@ fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
 
 /// A 2-byte aligned copy of `bytes` (a Vec<u16>'s buffer), so tests never depend on the
 /// allocator's alignment of a Vec<u8>.
-struct Aligned(Vec<u32>, usize);
+pub(super) struct Aligned(Vec<u32>, usize);
 impl Aligned {
-    fn new(bytes: &[u8]) -> Self {
+    pub(super) fn new(bytes: &[u8]) -> Self {
         let mut v = vec![0u32; bytes.len().div_ceil(4)];
         // SAFETY: v has at least bytes.len() bytes.
         unsafe {
@@ -47,14 +47,19 @@ impl Aligned {
         };
         Aligned(v, bytes.len())
     }
-    fn bytes(&self) -> &[u8] {
+    pub(super) fn bytes(&self) -> &[u8] {
         // SAFETY: the buffer holds at least self.1 initialised bytes.
         unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.1) }
     }
 }
 
 /// The weights of a random (rows, cols) matrix in `dtype`, and their dequantized values.
-fn quantized(rng: &mut StdRng, dtype: GgmlDType, rows: usize, cols: usize) -> (Aligned, Vec<f32>) {
+pub(super) fn quantized(
+    rng: &mut StdRng,
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+) -> (Aligned, Vec<f32>) {
     let w = randn(rng, rows * cols);
     match dtype {
         GgmlDType::F32 => {
@@ -84,7 +89,7 @@ fn quantized(rng: &mut StdRng, dtype: GgmlDType, rows: usize, cols: usize) -> (A
 
 /// Random bytes for `n` blocks of `dtype` with every scale field set to a modest finite f16:
 /// all quant bit patterns occur, including the extremes.
-fn random_blocks(rng: &mut StdRng, dtype: GgmlDType, n: usize) -> Aligned {
+pub(super) fn random_blocks(rng: &mut StdRng, dtype: GgmlDType, n: usize) -> Aligned {
     let size = dtype.type_size();
     let mut bytes: Vec<u8> = (0..n * size).map(|_| rng.random()).collect();
     let put = |rng: &mut StdRng, b: &mut [u8], at: usize| {
@@ -118,7 +123,7 @@ fn gemv_vec(level: CpuLevel, dtype: GgmlDType, w: &[u8], rows: usize, x: &[f32])
 
 /// SIMD against scalar: same integer sums, so only float summation order differs. Tolerance:
 /// 1e-4 of |ref| plus 1e-4 of the output's mean magnitude (for outputs that cancel to ~0).
-fn assert_close_to_reference(what: &str, got: &[f32], want: &[f32]) {
+pub(super) fn assert_close_to_reference(what: &str, got: &[f32], want: &[f32]) {
     let mean = want.iter().map(|v| v.abs()).sum::<f32>() / want.len() as f32;
     for (r, (g, w)) in got.iter().zip(want).enumerate() {
         let tol = 1e-4 * (w.abs() + mean) + 1e-30;

@@ -80,10 +80,7 @@ impl Linear {
             Storage::Mapped { file, tensor } => {
                 let weights = file.tensor_data(tensor);
                 let (rows, cols, dtype) = (self.rows, self.cols, tensor.dtype);
-                for (x, out) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rows)).take(n) {
-                    kernels::gemv(dtype, weights, rows, cols, x, out)?;
-                }
-                Ok(())
+                kernels::gemm(dtype, weights, rows, cols, x, n, out)
             }
             Storage::Candle { matmul, .. } => {
                 let x = Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?;

@@ -1,0 +1,330 @@
+//! Quantized matrix-matrix products (prompt prefill) on GGUF blocks: for `n` activation rows at
+//! once, `out[i * rows + r] = dot(row r of W, row i of x)`.
+//!
+//! The activation rows are quantized once, in parallel, as [`gemv`](super::gemv) quantizes its
+//! one row. Then each rayon task takes a tile of weight rows and sweeps every activation row past
+//! it a few at a time, so that the tile's weights stay in cache while the activations stream,
+//! and each weight block is unpacked once for several activation rows:
+//!
+//! - AVX-512 VNNI, quantized types: the tile and the activations are repacked into panels on
+//!   which one `vpdpbusd` works on 16 scale groups at once, and a microkernel takes 3 weight rows
+//!   by 4 activation rows (`x86::avx512_gemm`).
+//! - AVX2, quantized types: gemv's kernels taking [`GROUP`] activation rows per weight block.
+//! - Scalar, and F16/F32 at every level: gemv's dot per (weight row, activation row) pair.
+//!
+//! Results equal gemv's row by row up to float summation order; where the kernels are gemv's own
+//! (scalar, AVX2, F16/F32) they are bit for bit the same.
+
+use std::marker::PhantomData;
+use std::ops::Range;
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+use rayon::prelude::*;
+
+use super::blocks::*;
+use super::{gemv_at, hardware_level, level, reference, CpuLevel, SUPPORTED};
+use crate::error::{Error, Result};
+
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+
+/// Weight rows per rayon task for the gemv-based kernels: 32 rows of a 3072-column Q4_K matrix
+/// are 54 KiB, well inside L2 next to the activations streaming through.
+pub const TILE_ROWS: usize = 32;
+
+/// Activation rows the gemv-based kernels take per weight block.
+pub const GROUP: usize = 4;
+
+/// The fewest activation rows worth repacking the weights for (AVX-512): below this, gemv row by
+/// row is faster (measured on Phi-3-mini's Q4_K, Q6_K and Q8_0 matrices).
+const PACKED_MIN_ROWS: usize = 4;
+
+/// `out[i * rows + r] = dot(row r of W, row i of x)` for `i in 0..n`, `r in 0..rows`, at
+/// [`level`].
+///
+/// `weights`: as for [`gemv`](super::gemv); `x`: `n` rows of `cols` values; `out`: `n` rows of
+/// `rows` values.
+pub fn gemm(
+    dtype: GgmlDType,
+    weights: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    gemm_at(level(), dtype, weights, rows, cols, x, n, out)
+}
+
+/// [`gemm`] at an explicit level; errors if this CPU lacks it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_at(
+    level: CpuLevel,
+    dtype: GgmlDType,
+    weights: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let hw = hardware_level();
+    if level > hw {
+        return Err(Error::invalid_argument(format!(
+            "level: {level} is not available on this CPU (it has {hw})"
+        )));
+    }
+    if !SUPPORTED.contains(&dtype) {
+        return Err(unsupported(dtype));
+    }
+    let too_big = || "more than usize::MAX".to_string();
+    let x_len = n.checked_mul(cols);
+    if x_len != Some(x.len()) {
+        return Err(Error::invalid_argument(format!(
+            "x: length {} but {n} rows of {cols} columns take {}",
+            x.len(),
+            x_len.map_or_else(too_big, |l| l.to_string())
+        )));
+    }
+    let out_len = n.checked_mul(rows);
+    if out_len != Some(out.len()) {
+        return Err(Error::invalid_argument(format!(
+            "out: length {} but {n} rows of {rows} outputs take {}",
+            out.len(),
+            out_len.map_or_else(too_big, |l| l.to_string())
+        )));
+    }
+    let block = dtype.block_size();
+    if !cols.is_multiple_of(block) {
+        return Err(Error::invalid_argument(format!(
+            "cols: {cols} is not a multiple of {dtype:?}'s block size {block}"
+        )));
+    }
+    let bpr = cols / block;
+    let expected = rows
+        .checked_mul(bpr)
+        .and_then(|n| n.checked_mul(dtype.type_size()));
+    if expected != Some(weights.len()) {
+        return Err(Error::invalid_argument(format!(
+            "weights: {} bytes but a {rows}x{cols} {dtype:?} matrix takes {}",
+            weights.len(),
+            expected.map_or_else(too_big, |n| n.to_string())
+        )));
+    }
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    if cols == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    // One activation row is gemv's job; with AVX-512 so are a few more, as the kernels there
+    // repack every weight row first, which costs about as much as 3 gemv calls.
+    let packs = level == CpuLevel::Avx512Vnni && dtype.block_size() > 1;
+    if n < if packs { PACKED_MIN_ROWS } else { 2 } {
+        for (x, out) in x.chunks(cols).zip(out.chunks_mut(rows)) {
+            gemv_at(level, dtype, weights, rows, cols, x, out)?;
+        }
+        return Ok(());
+    }
+
+    let out = SharedOut::new(out, rows, n);
+    // Each arm: the weights as blocks, then the level's kernels. The quantized types at the lower
+    // levels take their activations quantized once, as gemv does.
+    macro_rules! quantized {
+        ($block:ty, $quantize:ident, $dot:ident, $rows_dot:ident, $kind:ident, $v:literal) => {{
+            let w = cast_slice::<$block>(weights, "weights")?;
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `level <= hardware_level()` (checked above), so the CPU has AVX-512
+                // F/BW/VL/VNNI.
+                CpuLevel::Avx512Vnni => unsafe {
+                    x86::avx512_gemm::gemm::<x86::avx512_gemm::$kind, $v>(w, bpr, x, cols, n, &out)
+                },
+                #[cfg(target_arch = "x86_64")]
+                CpuLevel::Avx2 => {
+                    let y = quantize_rows(x, cols, $quantize);
+                    // SAFETY: as above, the CPU has AVX2 and FMA.
+                    groups_par(w, bpr, &y, n, &out, |w, ys, o| unsafe {
+                        x86::avx2_gemm::$rows_dot(w, ys, o)
+                    })
+                }
+                _ => {
+                    let y = quantize_rows(x, cols, $quantize);
+                    groups_par(w, bpr, &y, n, &out, pairwise(reference::$dot))
+                }
+            }
+        }};
+    }
+    macro_rules! plain {
+        ($elem:ty, $dot:ident) => {{
+            let w = cast_slice::<$elem>(weights, "weights")?;
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `level <= hardware_level()` (checked above), so the CPU has every
+                // feature the kernel is compiled for.
+                CpuLevel::Avx512Vnni => groups_par(
+                    w,
+                    cols,
+                    x,
+                    n,
+                    &out,
+                    pairwise(|w, x| unsafe { x86::avx512::$dot(w, x) }),
+                ),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                CpuLevel::Avx2 => groups_par(
+                    w,
+                    cols,
+                    x,
+                    n,
+                    &out,
+                    pairwise(|w, x| unsafe { x86::avx2::$dot(w, x) }),
+                ),
+                _ => groups_par(w, cols, x, n, &out, pairwise(reference::$dot)),
+            }
+        }};
+    }
+    match dtype {
+        GgmlDType::Q4K => quantized!(BlockQ4K, quantize_q8k, dot_q4k, dot_q4k_rows, Q4K, 8),
+        GgmlDType::Q5K => quantized!(BlockQ5K, quantize_q8k, dot_q5k, dot_q5k_rows, Q5K, 8),
+        GgmlDType::Q6K => quantized!(BlockQ6K, quantize_q8k, dot_q6k, dot_q6k_rows, Q6K, 4),
+        GgmlDType::Q8_0 => quantized!(BlockQ8_0, quantize_q8_0, dot_q8_0, dot_q8_0_rows, Q8_0, 8),
+        GgmlDType::Q4_0 => quantized!(BlockQ4_0, quantize_q8_0, dot_q4_0, dot_q4_0_rows, Q4_0, 8),
+        GgmlDType::F16 => plain!(f16, dot_f16),
+        GgmlDType::F32 => plain!(f32, dot_f32),
+        // Refused above; an error rather than a panic should the two lists ever disagree.
+        _ => return Err(unsupported(dtype)),
+    }
+    Ok(())
+}
+
+fn unsupported(dtype: GgmlDType) -> Error {
+    Error::unsupported(format!("gemm: weight type {dtype:?} is not supported"))
+}
+
+/// The `n` rows of `x` (`cols` values each) quantized by `quantize`, back to back.
+fn quantize_rows<Y: Send>(x: &[f32], cols: usize, quantize: fn(&[f32]) -> Vec<Y>) -> Vec<Y> {
+    x.par_chunks(cols).flat_map_iter(quantize).collect()
+}
+
+/// A single-row dot as a group kernel: one call per activation row.
+fn pairwise<B, Y>(
+    dot: impl Fn(&[B], &[Y]) -> f32 + Sync,
+) -> impl Fn(&[B], &[&[Y]], &mut [f32]) + Sync {
+    move |w, ys, out| {
+        for (o, y) in out.iter_mut().zip(ys) {
+            *o = dot(w, y);
+        }
+    }
+}
+
+/// `dot(row r of w, [rows i..i + GROUP of y])` for every weight row and group of activation
+/// rows, tile by tile in parallel. `w` has `per_row` elements per row, `y` as many per row (the
+/// activations' blocks or values), `n` rows; `dot` fills one output per activation row given.
+fn groups_par<B: Sync, Y: Sync>(
+    w: &[B],
+    per_row: usize,
+    y: &[Y],
+    n: usize,
+    out: &SharedOut,
+    dot: impl Fn(&[B], &[&[Y]], &mut [f32]) + Sync,
+) {
+    tiles_par(
+        out,
+        TILE_ROWS,
+        || (),
+        |(), tile| {
+            let mut ys = [&y[..0]; GROUP];
+            let mut res = [0f32; GROUP];
+            for i0 in (0..n).step_by(GROUP) {
+                let m = GROUP.min(n - i0);
+                for (k, ys) in ys[..m].iter_mut().enumerate() {
+                    let i = i0 + k;
+                    *ys = &y[i * per_row..(i + 1) * per_row];
+                }
+                for r in tile.rows() {
+                    dot(&w[r * per_row..(r + 1) * per_row], &ys[..m], &mut res[..m]);
+                    for (k, &v) in res[..m].iter().enumerate() {
+                        tile.set(i0 + k, r, v);
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// Runs `f` on every tile of `tile_rows` weight rows in parallel, with scratch space from `init`
+/// (made once per rayon job, reused across its tiles).
+pub(super) fn tiles_par<S>(
+    out: &SharedOut,
+    tile_rows: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(&mut S, &mut Tile) + Sync + Send,
+) {
+    (0..out.rows.div_ceil(tile_rows))
+        .into_par_iter()
+        .for_each_init(init, |scratch, t| {
+            let start = t * tile_rows;
+            // The only Tile of these rows: `tiles_par` makes one per tile index.
+            let mut tile = Tile {
+                out,
+                rows: start..out.rows.min(start + tile_rows),
+            };
+            f(scratch, &mut tile)
+        });
+}
+
+/// The output of one call, shared by its tasks; each writes only through its [`Tile`].
+pub(super) struct SharedOut<'a> {
+    ptr: *mut f32,
+    rows: usize,
+    n: usize,
+    _out: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the only writes through `ptr` are `Tile::set`, and the tiles alive at once cover
+// disjoint weight rows (`tiles_par`), so no element is written by two threads.
+unsafe impl Sync for SharedOut<'_> {}
+
+impl<'a> SharedOut<'a> {
+    fn new(out: &'a mut [f32], rows: usize, n: usize) -> Self {
+        assert_eq!(out.len(), rows * n);
+        SharedOut {
+            ptr: out.as_mut_ptr(),
+            rows,
+            n,
+            _out: PhantomData,
+        }
+    }
+}
+
+/// Write access to the outputs of one tile of weight rows, for every activation row.
+pub(super) struct Tile<'a> {
+    out: &'a SharedOut<'a>,
+    rows: Range<usize>,
+}
+
+impl Tile<'_> {
+    /// The weight rows of this tile.
+    pub(super) fn rows(&self) -> Range<usize> {
+        self.rows.clone()
+    }
+
+    /// `out[i * rows + r] = v`, for `r` in this tile.
+    pub(super) fn set(&mut self, i: usize, r: usize, v: f32) {
+        assert!(i < self.out.n && self.rows.contains(&r));
+        // SAFETY: `i < n` and `r < rows`, so the element lies within the `n * rows` of `out`
+        // (asserted in `SharedOut::new`), which `SharedOut` borrows mutably for its lifetime;
+        // only this tile writes row `r`'s outputs.
+        unsafe { *self.out.ptr.add(i * self.out.rows + r) = v }
+    }
+
+    /// `out[i * rows + r] += v`, for `r` in this tile.
+    pub(super) fn add(&mut self, i: usize, r: usize, v: f32) {
+        assert!(i < self.out.n && self.rows.contains(&r));
+        // SAFETY: as in `set`.
+        unsafe { *self.out.ptr.add(i * self.out.rows + r) += v }
+    }
+}
