@@ -101,12 +101,13 @@ impl Engine {
             Some(source) => ChatTemplate::new(source, &bos, &eos)?,
             None => ChatTemplate::phi3_default(&bos, &eos),
         };
-        // Loaded on the calling thread, so what is copied (norms, RoPE tables, weights of types
-        // without a kernel of ours) lives in its malloc arena, which `ReleaseMemoryOnDrop` trims
-        // when the model goes.
+        // The weights stay in the file's memory map, faulted in by the first prompt: a copy into
+        // memory of our own (on huge pages) measured no faster per token on Phi-3-mini and cost
+        // seconds of load where the OS had to find the memory first; populating the map here
+        // would only move the page faults from the first prompt into load. Loaded on the calling thread, so
+        // what is copied (norms, RoPE tables, weights of types without a kernel of ours) lives
+        // in its malloc arena, which `ReleaseMemoryOnDrop` trims when the model goes.
         let model = Phi3Model::load(&file, options.context_length)?;
-        // Every tensor checked: now the weights are read in, on the engine's threads.
-        pool.install(|| file.read_tensor_data())?;
         if tokenizer.vocab_size() > model.vocab_size() {
             return Err(Error::unsupported(format!(
                 "the tokenizer has {} tokens but '{}' only {} rows",

@@ -5,11 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
-use memmap2::{Mmap, MmapMut};
-use rayon::prelude::*;
+use memmap2::Mmap;
 
 use super::metadata::{Metadata, Value};
 use crate::error::{Error, Result};
@@ -54,25 +52,12 @@ pub struct GgufHeader {
     pub tensors: Vec<TensorInfo>,
 }
 
-/// Bytes read per task when copying the tensor data in.
-const READ_CHUNK: usize = 16 << 20;
-
-/// A memory-mapped GGUF file: the header parsed, the tensor data left in place until
-/// [`GgufFile::read_tensor_data`] copies it into memory of the process's own.
+/// A memory-mapped GGUF file: the header parsed, the tensor data left in place.
 pub struct GgufFile {
     path: PathBuf,
-    file: File,
     mmap: Mmap,
     header: GgufHeader,
     index: HashMap<String, usize>,
-    resident: OnceLock<Resident>,
-}
-
-/// The file's bytes from `start` (a page boundary, so every tensor keeps its alignment) to the
-/// end, in anonymous memory.
-struct Resident {
-    start: usize,
-    bytes: Mmap,
 }
 
 impl GgufFile {
@@ -112,11 +97,9 @@ impl GgufFile {
             .collect();
         Ok(Self {
             path,
-            file,
             mmap,
             header,
             index,
-            resident: OnceLock::new(),
         })
     }
 
@@ -140,61 +123,9 @@ impl GgufFile {
         self.index.get(name).map(|&i| &self.header.tensors[i])
     }
 
-    /// Copies the tensor data out of the page cache into anonymous memory, in parallel on the
-    /// current rayon pool; [`GgufFile::tensor_data`] serves the copy from then on.
-    ///
-    /// Why copy what is already mapped: the kernels stream every weight once per token, and on
-    /// Linux a file mapping is made of 4 KiB pages while anonymous memory can be asked for
-    /// 2 MiB ones; with a TLB miss every 4 KiB gone, decode reads memory about a third faster
-    /// (measured: 12.5 vs 17.3 GB/s on one core). Positioned reads rather than a copy from the
-    /// map, so the file's pages never count in this process's memory. A no-op the second time.
-    pub fn read_tensor_data(&self) -> Result<()> {
-        if self.resident.get().is_some() {
-            return Ok(());
-        }
-        let first = self.header.tensors.iter().map(|t| t.offset).min();
-        let Some(first) = first else {
-            return Ok(());
-        };
-        let start = first - first % 4096;
-        let len = self.mmap.len() - start;
-        let io_err = |source| Error::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let mut bytes = MmapMut::map_anon(len).map_err(io_err)?;
-        #[cfg(target_os = "linux")]
-        // A hint: without it the copy works the same, on small pages.
-        let _ = bytes.advise(memmap2::Advice::HugePage);
-        bytes
-            .par_chunks_mut(READ_CHUNK)
-            .enumerate()
-            .try_for_each(|(i, chunk)| self.read_at(chunk, start + i * READ_CHUNK))
-            .map_err(io_err)?;
-        let bytes = bytes.make_read_only().map_err(io_err)?;
-        // Lost only to a concurrent caller, whose copy is the same.
-        let _ = self.resident.set(Resident { start, bytes });
-        Ok(())
-    }
-
-    #[cfg(unix)]
-    fn read_at(&self, buf: &mut [u8], offset: usize) -> std::io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset as u64)
-    }
-
-    #[cfg(not(unix))]
-    fn read_at(&self, buf: &mut [u8], offset: usize) -> std::io::Result<()> {
-        buf.copy_from_slice(&self.mmap[offset..offset + buf.len()]);
-        Ok(())
-    }
-
-    /// The tensor's bytes (bounds were checked when parsing): in the copy once made, else in
-    /// place in the map.
+    /// The tensor's bytes, in place in the map (bounds were checked when parsing).
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
-        match self.resident.get() {
-            Some(r) => &r.bytes[info.offset - r.start..][..info.size_bytes],
-            None => &self.mmap[info.offset..info.offset + info.size_bytes],
-        }
+        &self.mmap[info.offset..info.offset + info.size_bytes]
     }
 }
 
