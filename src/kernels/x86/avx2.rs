@@ -6,6 +6,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
+use super::prefetch_ahead;
 use crate::kernels::blocks::*;
 
 #[inline]
@@ -59,6 +60,7 @@ pub fn dot_q4k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut acc_m = _mm_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let d = a.d * b.d.to_f32();
         let dmin = -a.d * b.dmin.to_f32();
         let (sc, mn) = unpack_scales_k4(&b.scales);
@@ -87,6 +89,7 @@ pub fn dot_q5k(w: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut acc_m = _mm_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let d = a.d * b.d.to_f32();
         let dmin = -a.d * b.dmin.to_f32();
         let (sc, mn) = unpack_scales_k4(&b.scales);
@@ -128,6 +131,7 @@ pub fn dot_q6k(w: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     let m2 = _mm256_set1_epi8(3);
     let mut acc = _mm256_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let d = a.d * b.d.to_f32();
         let mut sumi = _mm256_setzero_si256();
         for n in 0..2 {
@@ -168,6 +172,7 @@ pub fn dot_q8_0(w: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let qx = load256(&b.qs, 0);
         let qy = load256(&a.qs, 0);
         let p = _mm256_maddubs_epi16(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
@@ -195,6 +200,7 @@ pub fn dot_q4_0(w: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let qx = q4_0_values(b);
         let qy = load256(&a.qs, 0);
         let p = _mm256_maddubs_epi16(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));

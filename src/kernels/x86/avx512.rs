@@ -9,6 +9,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::avx2::{hsum_ps, hsum_ps128, load128, load256, mins_dot_bsums, q6k_offset};
+use super::prefetch_ahead;
 use crate::kernels::blocks::*;
 
 #[inline]
@@ -92,6 +93,7 @@ pub fn dot_q4k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut acc_m = _mm_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let d = a.d * b.d.to_f32();
         let dmin = -a.d * b.dmin.to_f32();
         let (sc, mn) = unpack_scales_k4(&b.scales);
@@ -112,6 +114,7 @@ pub fn dot_q5k(w: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut acc_m = _mm_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let d = a.d * b.d.to_f32();
         let dmin = -a.d * b.dmin.to_f32();
         let (sc, mn) = unpack_scales_k4(&b.scales);
@@ -142,6 +145,7 @@ pub fn dot_q6k(w: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
     let zero = _mm512_setzero_si512();
     let mut acc = _mm256_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let d = a.d * b.d.to_f32();
         let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(load128(&b.scales, 0)));
         let mut sumi = _mm512_setzero_si512();
@@ -178,6 +182,7 @@ pub fn dot_q8_0(w: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     let zero = _mm256_setzero_si256();
     let mut acc = _mm256_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let qx = load256(&b.qs, 0);
         let qy = load256(&a.qs, 0);
         // |qx| as u8 (128 for -128) times qy with qx's sign.
@@ -195,6 +200,7 @@ pub fn dot_q4_0(w: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
     let m4 = _mm256_set1_epi8(0x0F);
     let mut acc = _mm256_setzero_ps();
     for (b, a) in w.iter().zip(y) {
+        prefetch_ahead(b);
         let raw = load128(&b.qs, 0);
         let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), m4);
         let qy = load256(&a.qs, 0);
