@@ -11,8 +11,12 @@ use super::{level, reference, CpuLevel};
 pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if level() >= CpuLevel::Avx2 {
-        // SAFETY: the level is at most the hardware's, which has AVX2, FMA and F16C.
-        return unsafe { super::x86::avx2::dot_f16(w, x) };
+        // SAFETY: the level is at most the hardware's, which has AVX2, FMA and F16C (and SSE,
+        // as every x86_64 does). Cached keys lie back to back: fetch those a few rows on.
+        return unsafe {
+            super::x86::prefetch_slice_ahead(w);
+            super::x86::avx2::dot_f16(w, x)
+        };
     }
     reference::dot_f16(w, x)
 }
@@ -23,7 +27,10 @@ pub fn axpy_f16(a: f32, v: &[f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if level() >= CpuLevel::Avx2 {
         // SAFETY: as in `dot_f16`.
-        return unsafe { axpy_f16_avx2(a, v, out) };
+        return unsafe {
+            super::x86::prefetch_slice_ahead(v);
+            axpy_f16_avx2(a, v, out)
+        };
     }
     for (o, x) in out.iter_mut().zip(v) {
         *o += a * x.to_f32();

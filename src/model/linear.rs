@@ -1,8 +1,9 @@
 //! A weight matrix and its products with activations.
 //!
-//! Matrices of the types our kernels take stay where they are, in the GGUF file's memory map:
-//! loading copies nothing, and the pages are shared with the page cache. Other types (Q2_K,
-//! Q3_K, Q5_0, BF16, ...) are copied into candle's quantized storage and multiplied by candle.
+//! On x86_64, matrices of the types our kernels take stay where they are, in the GGUF file's
+//! memory map: loading copies nothing, and the pages are shared with the page cache. Other types
+//! (Q2_K, Q3_K, Q5_0, BF16, ...), and every type on other CPUs, are copied into candle's
+//! quantized storage and multiplied by candle.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -13,6 +14,9 @@ use candle_core::{Device, Module, Tensor};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::kernels;
+
+/// Off x86_64 our kernels are only the scalar reference, and candle's NEON ones are faster.
+const OWN_KERNELS: bool = cfg!(target_arch = "x86_64");
 
 pub struct Linear {
     rows: usize,
@@ -39,7 +43,7 @@ impl Linear {
         rows: usize,
         cols: usize,
     ) -> Result<Self> {
-        let storage = if kernels::SUPPORTED.contains(&tensor.dtype) {
+        let storage = if OWN_KERNELS && kernels::SUPPORTED.contains(&tensor.dtype) {
             let align = if tensor.dtype == GgmlDType::F32 { 4 } else { 2 };
             if (file.tensor_data(tensor).as_ptr() as usize) % align != 0 {
                 return Err(Error::unsupported(format!(

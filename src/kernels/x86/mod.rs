@@ -17,10 +17,15 @@ const PREFETCH_BYTES: usize = 2048;
 #[inline]
 #[target_feature(enable = "sse")]
 pub(super) fn prefetch_ahead<T>(block: &T) {
-    let at = (block as *const T)
-        .cast::<i8>()
-        .wrapping_add(PREFETCH_BYTES);
-    for line in (0..size_of::<T>()).step_by(64) {
+    prefetch_slice_ahead(std::slice::from_ref(block));
+}
+
+/// [`prefetch_ahead`] for the bytes of `items`.
+#[inline]
+#[target_feature(enable = "sse")]
+pub(super) fn prefetch_slice_ahead<T>(items: &[T]) {
+    let at = items.as_ptr().cast::<i8>().wrapping_add(PREFETCH_BYTES);
+    for line in (0..size_of_val(items)).step_by(64) {
         // A hint that never faults, whatever the address.
         _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line));
     }
