@@ -322,6 +322,7 @@ impl Tile<'_> {
     }
 
     /// `out[i * rows + r] += v`, for `r` in this tile.
+    #[cfg(target_arch = "x86_64")]
     pub(super) fn add(&mut self, i: usize, r: usize, v: f32) {
         assert!(i < self.out.n && self.rows.contains(&r));
         // SAFETY: as in `set`.

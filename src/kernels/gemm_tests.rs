@@ -6,6 +6,7 @@ use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+#[cfg(target_arch = "x86_64")]
 use super::blocks::{quantize_q8_0, quantize_q8k, QK8_0, QK_K};
 use super::tests::{
     assert_close_to_reference, levels, quantized, randn, random_blocks, Aligned, K_TYPES,

@@ -4,7 +4,9 @@
 
 use half::f16;
 
-use super::{level, reference, CpuLevel};
+use super::reference;
+#[cfg(target_arch = "x86_64")]
+use super::{level, CpuLevel};
 
 /// `sum_i w[i] * x[i]` over the shorter of the two.
 #[inline]
