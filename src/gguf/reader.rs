@@ -287,7 +287,7 @@ fn tensor_size(name: &str, dims: &[u64], dtype: GgmlDType) -> Result<u64> {
             "tensor '{name}' has a zero dimension {dims:?}"
         )));
     }
-    if dims[0] % block != 0 {
+    if !dims[0].is_multiple_of(block) {
         return Err(Error::invalid_gguf(format!(
             "tensor '{name}' row length {} is not a multiple of its {dtype:?} block size {block}",
             dims[0]

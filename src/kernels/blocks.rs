@@ -100,13 +100,13 @@ unsafe impl Pod for f32 {}
 pub fn cast_slice<'a, T: Pod>(bytes: &'a [u8], what: &str) -> Result<&'a [T]> {
     let size = std::mem::size_of::<T>();
     let align = std::mem::align_of::<T>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(Error::invalid_argument(format!(
             "{what}: {} bytes is not a whole number of {size}-byte elements",
             bytes.len()
         )));
     }
-    if (bytes.as_ptr() as usize) % align != 0 {
+    if !(bytes.as_ptr() as usize).is_multiple_of(align) {
         return Err(Error::invalid_argument(format!(
             "{what}: data at {:p} is not aligned to {align} bytes",
             bytes.as_ptr()
@@ -154,7 +154,7 @@ pub fn unpack_scales_k4(q: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
 /// ggml's `quantize_row_q8_K`: per 256 values, scale so that the value of largest magnitude maps
 /// to -127, round to nearest (ties to even), and keep sums of 16.
 pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
-    debug_assert!(x.len() % QK_K == 0);
+    debug_assert!(x.len().is_multiple_of(QK_K));
     x.chunks_exact(QK_K)
         .map(|xs| {
             let mut b = BlockQ8K {
@@ -188,7 +188,7 @@ pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
 
 /// ggml's `quantize_row_q8_0`: per 32 values, d = max|x| / 127 (stored as f16), q = round(x / d).
 pub fn quantize_q8_0(x: &[f32]) -> Vec<BlockQ8_0> {
-    debug_assert!(x.len() % QK8_0 == 0);
+    debug_assert!(x.len().is_multiple_of(QK8_0));
     x.chunks_exact(QK8_0)
         .map(|xs| {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));

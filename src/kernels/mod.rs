@@ -183,7 +183,7 @@ pub fn gemv_at(
         )));
     }
     let block = dtype.block_size();
-    if cols % block != 0 {
+    if !cols.is_multiple_of(block) {
         return Err(Error::invalid_argument(format!(
             "cols: {cols} is not a multiple of {dtype:?}'s block size {block}"
         )));

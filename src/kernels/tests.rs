@@ -351,7 +351,11 @@ fn argument_errors() {
         inv(gemv_at(level, q4k, w, 4, 100, &x100, &mut out), "cols");
         // Misaligned data: an error, not UB.
         let mut buf = vec![0u8; w.len() + 1];
-        let off = if buf.as_ptr() as usize % 2 == 0 { 1 } else { 0 };
+        let off = if (buf.as_ptr() as usize).is_multiple_of(2) {
+            1
+        } else {
+            0
+        };
         buf[off..off + w.len()].copy_from_slice(w);
         inv(
             gemv_at(level, q4k, &buf[off..off + w.len()], 4, 256, &x, &mut out),

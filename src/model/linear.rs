@@ -45,7 +45,7 @@ impl Linear {
     ) -> Result<Self> {
         let storage = if OWN_KERNELS && kernels::SUPPORTED.contains(&tensor.dtype) {
             let align = if tensor.dtype == GgmlDType::F32 { 4 } else { 2 };
-            if (file.tensor_data(tensor).as_ptr() as usize) % align != 0 {
+            if !(file.tensor_data(tensor).as_ptr() as usize).is_multiple_of(align) {
                 return Err(Error::unsupported(format!(
                     "tensor '{}' starts at offset {}, not aligned to {align} bytes",
                     tensor.name, tensor.offset
