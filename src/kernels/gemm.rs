@@ -23,7 +23,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::*;
-use super::{gemv_at, hardware_level, level, reference, CpuLevel, SUPPORTED};
+use super::{check_kernel, check_weights, gemv_at, level, reference, CpuLevel};
 use crate::error::{Error, Result};
 
 #[cfg(target_arch = "x86_64")]
@@ -69,15 +69,7 @@ pub fn gemm_at(
     n: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let hw = hardware_level();
-    if level > hw {
-        return Err(Error::invalid_argument(format!(
-            "level: {level} is not available on this CPU (it has {hw})"
-        )));
-    }
-    if !SUPPORTED.contains(&dtype) {
-        return Err(unsupported(dtype));
-    }
+    check_kernel(level, dtype)?;
     let too_big = || "more than usize::MAX".to_string();
     let x_len = n.checked_mul(cols);
     if x_len != Some(x.len()) {
@@ -95,23 +87,8 @@ pub fn gemm_at(
             out_len.map_or_else(too_big, |l| l.to_string())
         )));
     }
-    let block = dtype.block_size();
-    if !cols.is_multiple_of(block) {
-        return Err(Error::invalid_argument(format!(
-            "cols: {cols} is not a multiple of {dtype:?}'s block size {block}"
-        )));
-    }
-    let bpr = cols / block;
-    let expected = rows
-        .checked_mul(bpr)
-        .and_then(|n| n.checked_mul(dtype.type_size()));
-    if expected != Some(weights.len()) {
-        return Err(Error::invalid_argument(format!(
-            "weights: {} bytes but a {rows}x{cols} {dtype:?} matrix takes {}",
-            weights.len(),
-            expected.map_or_else(too_big, |n| n.to_string())
-        )));
-    }
+    check_weights(dtype, weights, rows, cols)?;
+    let bpr = cols / dtype.block_size();
     if rows == 0 || n == 0 {
         return Ok(());
     }

@@ -161,15 +161,7 @@ pub fn gemv_at(
     x: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
-    let hw = hardware_level();
-    if level > hw {
-        return Err(Error::invalid_argument(format!(
-            "level: {level} is not available on this CPU (it has {hw})"
-        )));
-    }
-    if !SUPPORTED.contains(&dtype) {
-        return Err(unsupported(dtype));
-    }
+    check_kernel(level, dtype)?;
     if x.len() != cols {
         return Err(Error::invalid_argument(format!(
             "x: length {} but the matrix has {cols} columns",
@@ -182,23 +174,8 @@ pub fn gemv_at(
             out.len()
         )));
     }
-    let block = dtype.block_size();
-    if !cols.is_multiple_of(block) {
-        return Err(Error::invalid_argument(format!(
-            "cols: {cols} is not a multiple of {dtype:?}'s block size {block}"
-        )));
-    }
-    let bpr = cols / block;
-    let expected = rows
-        .checked_mul(bpr)
-        .and_then(|n| n.checked_mul(dtype.type_size()));
-    if expected != Some(weights.len()) {
-        return Err(Error::invalid_argument(format!(
-            "weights: {} bytes but a {rows}x{cols} {dtype:?} matrix takes {}",
-            weights.len(),
-            expected.map_or("more than usize::MAX".to_string(), |n| n.to_string())
-        )));
-    }
+    check_weights(dtype, weights, rows, cols)?;
+    let bpr = cols / dtype.block_size();
     if rows == 0 {
         return Ok(());
     }
@@ -239,6 +216,43 @@ pub fn gemv_at(
         GgmlDType::F32 => run!(f32, x, dot_f32),
         // Refused above; an error rather than a panic should the two lists ever disagree.
         _ => return Err(unsupported(dtype)),
+    }
+    Ok(())
+}
+
+/// [`gemv_at`]'s and [`gemm_at`]'s first check: this CPU has `level`, and there are kernels for
+/// `dtype`.
+fn check_kernel(level: CpuLevel, dtype: GgmlDType) -> Result<()> {
+    let hw = hardware_level();
+    if level > hw {
+        return Err(Error::invalid_argument(format!(
+            "level: {level} is not available on this CPU (it has {hw})"
+        )));
+    }
+    if !SUPPORTED.contains(&dtype) {
+        return Err(unsupported(dtype));
+    }
+    Ok(())
+}
+
+/// [`gemv_at`]'s and [`gemm_at`]'s last check: `weights` holds a `rows` x `cols` matrix of
+/// `dtype`.
+fn check_weights(dtype: GgmlDType, weights: &[u8], rows: usize, cols: usize) -> Result<()> {
+    let block = dtype.block_size();
+    if !cols.is_multiple_of(block) {
+        return Err(Error::invalid_argument(format!(
+            "cols: {cols} is not a multiple of {dtype:?}'s block size {block}"
+        )));
+    }
+    let expected = rows
+        .checked_mul(cols / block)
+        .and_then(|n| n.checked_mul(dtype.type_size()));
+    if expected != Some(weights.len()) {
+        return Err(Error::invalid_argument(format!(
+            "weights: {} bytes but a {rows}x{cols} {dtype:?} matrix takes {}",
+            weights.len(),
+            expected.map_or("more than usize::MAX".to_string(), |n| n.to_string())
+        )));
     }
     Ok(())
 }
