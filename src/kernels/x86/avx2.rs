@@ -54,67 +54,89 @@ pub(super) fn mins_dot_bsums(mins: &[u8; 8], a: &BlockQ8K) -> __m128i {
     _mm_madd_epi16(mins, sums32)
 }
 
+/// The 256 unsigned values of a Q4_K block, 32 a vector: vector 2j holds values 64j.. (the low
+/// nibbles of `qs[32j..]`), vector 2j+1 values 64j+32.. (the high ones).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn q4k_values(b: &BlockQ4K) -> [__m256i; 8] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for j in 0..4 {
+        let q4 = load256(&b.qs, 32 * j);
+        q[2 * j] = _mm256_and_si256(q4, m4);
+        q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+    }
+    q
+}
+
+/// [`q4k_values`] for a Q5_K block, with each value's fifth bit from `qh`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn q5k_values(b: &BlockQ5K) -> [__m256i; 8] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m1 = _mm256_set1_epi8(1);
+    // Bit 2j of qh[l] is the high bit of value 64j + l, bit 2j+1 that of 64j + 32 + l.
+    // Shifting 16-bit lanes lets bits of the next byte into the top, never into bits 0-1.
+    let mut hb = load256(&b.qh, 0);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for j in 0..4 {
+        let q5 = load256(&b.qs, 32 * j);
+        let hl = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m1));
+        let hh = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(hb), m1));
+        hb = _mm256_srli_epi16::<2>(hb);
+        q[2 * j] = _mm256_or_si256(_mm256_and_si256(q5, m4), hl);
+        q[2 * j + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q5), m4), hh);
+    }
+    q
+}
+
+/// One Q4_K/Q5_K block, its values `q` (from [`q4k_values`] / [`q5k_values`]) and scales and
+/// mins unpacked, against one activation block: adds the scaled sums to `acc.0` and the mins'
+/// share to `acc.1` (gemv and gemm both, so that their results agree bit for bit).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn k4_block_dot(
+    q: &[__m256i; 8],
+    (d, dmin): (f16, f16),
+    (sc, mn): &([u8; 8], [u8; 8]),
+    a: &BlockQ8K,
+    acc: &mut (__m256, __m128),
+) {
+    let d = a.d * d.to_f32();
+    let dmin = -a.d * dmin.to_f32();
+    let prod = mins_dot_bsums(mn, a);
+    acc.1 = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc.1);
+    let mut sumi = _mm256_setzero_si256();
+    for j in 0..4 {
+        let pl = _mm256_maddubs_epi16(q[2 * j], load256(&a.qs, 64 * j));
+        let ph = _mm256_maddubs_epi16(q[2 * j + 1], load256(&a.qs, 64 * j + 32));
+        let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j] as i16), pl);
+        let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1] as i16), ph);
+        sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+    }
+    acc.0 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc.0);
+}
+
 #[target_feature(enable = "avx2,fma")]
 pub fn dot_q4k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let mut acc = (_mm256_setzero_ps(), _mm_setzero_ps());
     for (b, a) in w.iter().zip(y) {
         prefetch_ahead(b);
-        let d = a.d * b.d.to_f32();
-        let dmin = -a.d * b.dmin.to_f32();
-        let (sc, mn) = unpack_scales_k4(&b.scales);
-        let prod = mins_dot_bsums(&mn, a);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-        let mut sumi = _mm256_setzero_si256();
-        for j in 0..4 {
-            let q4 = load256(&b.qs, 32 * j);
-            let lo = _mm256_and_si256(q4, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
-            let pl = _mm256_maddubs_epi16(lo, load256(&a.qs, 64 * j));
-            let ph = _mm256_maddubs_epi16(hi, load256(&a.qs, 64 * j + 32));
-            let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j] as i16), pl);
-            let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1] as i16), ph);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        let scales = unpack_scales_k4(&b.scales);
+        k4_block_dot(&q4k_values(b), (b.d, b.dmin), &scales, a, &mut acc);
     }
-    hsum_ps(acc) + hsum_ps128(acc_m)
+    hsum_ps(acc.0) + hsum_ps128(acc.1)
 }
 
 #[target_feature(enable = "avx2,fma")]
 pub fn dot_q5k(w: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m1 = _mm256_set1_epi8(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let mut acc = (_mm256_setzero_ps(), _mm_setzero_ps());
     for (b, a) in w.iter().zip(y) {
         prefetch_ahead(b);
-        let d = a.d * b.d.to_f32();
-        let dmin = -a.d * b.dmin.to_f32();
-        let (sc, mn) = unpack_scales_k4(&b.scales);
-        let prod = mins_dot_bsums(&mn, a);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-        // Bit 2j of qh[l] is the high bit of value 64j + l, bit 2j+1 that of 64j + 32 + l.
-        // Shifting 16-bit lanes lets bits of the next byte into the top, never into bits 0-1.
-        let mut hb = load256(&b.qh, 0);
-        let mut sumi = _mm256_setzero_si256();
-        for j in 0..4 {
-            let q5 = load256(&b.qs, 32 * j);
-            let hl = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m1));
-            let hh = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(hb), m1));
-            hb = _mm256_srli_epi16::<2>(hb);
-            let lo = _mm256_or_si256(_mm256_and_si256(q5, m4), hl);
-            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q5), m4), hh);
-            let pl = _mm256_maddubs_epi16(lo, load256(&a.qs, 64 * j));
-            let ph = _mm256_maddubs_epi16(hi, load256(&a.qs, 64 * j + 32));
-            let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j] as i16), pl);
-            let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1] as i16), ph);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        let scales = unpack_scales_k4(&b.scales);
+        k4_block_dot(&q5k_values(b), (b.d, b.dmin), &scales, a, &mut acc);
     }
-    hsum_ps(acc) + hsum_ps128(acc_m)
+    hsum_ps(acc.0) + hsum_ps128(acc.1)
 }
 
 /// `32 * sum_k scales[k] * bsums[k]`: the Q6_K offset, taken out of the unsigned products.

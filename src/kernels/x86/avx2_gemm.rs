@@ -7,7 +7,11 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{hsum_ps, hsum_ps128, load256, mins_dot_bsums, q4_0_values, q6k_offset};
+use half::f16;
+
+use super::avx2::{
+    hsum_ps, hsum_ps128, k4_block_dot, load256, q4_0_values, q4k_values, q5k_values, q6k_offset,
+};
 use crate::kernels::blocks::*;
 use crate::kernels::gemm::GROUP;
 
@@ -43,39 +47,9 @@ pub fn dot_q4k_rows(w: &[BlockQ4K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn q4k<const R: usize>(w: &[BlockQ4K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-    let ys = rows::<_, R>(ys, out, w.len());
-    let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut acc_m = [_mm_setzero_ps(); R];
-    for (k, b) in w.iter().enumerate() {
-        let (sc, mn) = unpack_scales_k4(&b.scales);
-        // Values 64j.. (low nibbles) and 64j + 32.. (high), with their sub-block scales.
-        let mut q = [_mm256_setzero_si256(); 8];
-        for j in 0..4 {
-            let q4 = load256(&b.qs, 32 * j);
-            q[2 * j] = _mm256_and_si256(q4, m4);
-            q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
-        }
-        for (i, y) in ys.iter().enumerate() {
-            let a = &y[k];
-            let d = a.d * b.d.to_f32();
-            let dmin = -a.d * b.dmin.to_f32();
-            let prod = mins_dot_bsums(&mn, a);
-            acc_m[i] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[i]);
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..4 {
-                let pl = _mm256_maddubs_epi16(q[2 * j], load256(&a.qs, 64 * j));
-                let ph = _mm256_maddubs_epi16(q[2 * j + 1], load256(&a.qs, 64 * j + 32));
-                let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j] as i16), pl);
-                let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1] as i16), ph);
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-            }
-            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[i]);
-        }
-    }
-    for i in 0..R {
-        out[i] = hsum_ps(acc[i]) + hsum_ps128(acc_m[i]);
-    }
+    k4::<_, R>(w, ys, out, |b| {
+        (q4k_values(b), (b.d, b.dmin), unpack_scales_k4(&b.scales))
+    })
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -86,44 +60,32 @@ pub fn dot_q5k_rows(w: &[BlockQ5K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn q5k<const R: usize>(w: &[BlockQ5K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
+    k4::<_, R>(w, ys, out, |b| {
+        (q5k_values(b), (b.d, b.dmin), unpack_scales_k4(&b.scales))
+    })
+}
+
+/// Q4_K/Q5_K for `R` activation rows: `unpack` gives a block's values, `(d, dmin)` and
+/// `(scales, mins)`, once for all rows.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::type_complexity)]
+fn k4<B, const R: usize>(
+    w: &[B],
+    ys: &[&[BlockQ8K]],
+    out: &mut [f32],
+    unpack: impl Fn(&B) -> ([__m256i; 8], (f16, f16), ([u8; 8], [u8; 8])),
+) {
     let ys = rows::<_, R>(ys, out, w.len());
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m1 = _mm256_set1_epi8(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut acc_m = [_mm_setzero_ps(); R];
+    let mut acc = [(_mm256_setzero_ps(), _mm_setzero_ps()); R];
     for (k, b) in w.iter().enumerate() {
-        let (sc, mn) = unpack_scales_k4(&b.scales);
-        // As gemv's dot_q5k: bit 2j of qh[l] is the high bit of value 64j + l, bit 2j+1 that of
-        // 64j + 32 + l.
-        let mut hb = load256(&b.qh, 0);
-        let mut q = [_mm256_setzero_si256(); 8];
-        for j in 0..4 {
-            let q5 = load256(&b.qs, 32 * j);
-            let hl = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m1));
-            let hh = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(hb), m1));
-            hb = _mm256_srli_epi16::<2>(hb);
-            q[2 * j] = _mm256_or_si256(_mm256_and_si256(q5, m4), hl);
-            q[2 * j + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q5), m4), hh);
-        }
-        for (i, y) in ys.iter().enumerate() {
-            let a = &y[k];
-            let d = a.d * b.d.to_f32();
-            let dmin = -a.d * b.dmin.to_f32();
-            let prod = mins_dot_bsums(&mn, a);
-            acc_m[i] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[i]);
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..4 {
-                let pl = _mm256_maddubs_epi16(q[2 * j], load256(&a.qs, 64 * j));
-                let ph = _mm256_maddubs_epi16(q[2 * j + 1], load256(&a.qs, 64 * j + 32));
-                let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j] as i16), pl);
-                let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j + 1] as i16), ph);
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-            }
-            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[i]);
+        let (q, d, scales) = unpack(b);
+        for (y, acc) in ys.iter().zip(&mut acc) {
+            k4_block_dot(&q, d, &scales, &y[k], acc);
         }
     }
-    for i in 0..R {
-        out[i] = hsum_ps(acc[i]) + hsum_ps128(acc_m[i]);
+    for (o, acc) in out.iter_mut().zip(acc) {
+        *o = hsum_ps(acc.0) + hsum_ps128(acc.1);
     }
 }
 
