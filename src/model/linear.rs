@@ -74,10 +74,6 @@ impl Linear {
         })
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// `out = x Wᵀ`: `x` is `n` rows of `cols` values, `out` `n` rows of `rows` values.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
         match &self.storage {
