@@ -3,7 +3,7 @@
 //! f16, as llama.cpp stores it by default: half the memory of f32, and the same rounding.
 
 use candle_core::{Device, Tensor};
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -98,10 +98,7 @@ impl KvCache {
             for h in 0..self.kv_heads {
                 let at = (h * cap + len + s) * d;
                 for (dst, src) in [(&mut cache.k, k_at), (&mut cache.v, v_at)] {
-                    let src = &row[src + h * d..][..d];
-                    for (o, &x) in dst[at..at + d].iter_mut().zip(src) {
-                        *o = f16::from_f32(x);
-                    }
+                    dst[at..at + d].convert_from_f32_slice(&row[src + h * d..][..d]);
                 }
             }
         }
@@ -113,13 +110,9 @@ impl KvCache {
         let (d, cap, n) = (self.head_dim, self.capacity, end - start);
         let cache = &self.layers[layer];
         let gather = |buf: &[f16]| -> Result<Tensor> {
-            let mut out = Vec::with_capacity(self.kv_heads * n * d);
-            for h in 0..self.kv_heads {
-                out.extend(
-                    buf[(h * cap + start) * d..][..n * d]
-                        .iter()
-                        .map(|x| x.to_f32()),
-                );
+            let mut out = vec![0f32; self.kv_heads * n * d];
+            for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
+                buf[(h * cap + start) * d..][..n * d].convert_to_f32_slice(head);
             }
             Ok(Tensor::from_vec(out, (self.kv_heads, n, d), &Device::Cpu)?)
         };
