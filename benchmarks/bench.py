@@ -244,14 +244,18 @@ def main() -> None:
     a = p.parse_args()
 
     if a.json:
-        r = measure_phi3(
-            a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.positions, not a.no_stream_overhead
-        )
+        r = measure_phi3(a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.positions, not a.no_stream_overhead)
         print(json.dumps(r))
         return
 
-    common = ["--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
-              "--decode-tokens", str(a.decode_tokens)]
+    common = [
+        "--threads",
+        str(a.threads),
+        "--prompt-tokens",
+        str(a.prompt_tokens),
+        "--decode-tokens",
+        str(a.decode_tokens),
+    ]
     phi3_args = [*common, *(["--positions", ",".join(map(str, a.positions))] if a.positions else [])]
     pythons = a.python or [sys.executable]
     if a.levels:

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import phi3
+import pytest
 from phi3 import Phi3
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,4 +69,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     info = phi3.cpu_info()
-    return f"phi3 {phi3.__version__} from {Path(phi3.__file__).parent}, {info['baseline']} build, kernels {info['level']}"
+    return (
+        f"phi3 {phi3.__version__} from {Path(phi3.__file__).parent}, {info['baseline']} build, kernels {info['level']}"
+    )

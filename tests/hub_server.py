@@ -120,7 +120,7 @@ class HubServer:
         _revision, _, name = url_path[len(prefix) :].partition("/")
         return self.files.get(name)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self.thread.start()
         return self
 

@@ -9,9 +9,7 @@ from typing import Optional
 
 import pytest
 
-HOCKEY_ANSWER = (
-    "Puck skims the white rink,\nsteel blades carve a cold bright song,\nthe net shivers once."
-)
+HOCKEY_ANSWER = "Puck skims the white rink,\nsteel blades carve a cold bright song,\nthe net shivers once."
 
 
 def run(*args: str, stdin: str = "", phi3_cpu: Optional[str] = None) -> subprocess.CompletedProcess[str]:
@@ -56,8 +54,15 @@ def test_raw_prompt(haiku_path: str) -> None:
 
 def test_system_message(haiku_path: str) -> None:
     r = run(
-        "-m", haiku_path, "--temperature", "0", "--max-tokens", "40",
-        "--system", "You are a poet who answers in haiku.", "A haiku about the ocean, please.",
+        "-m",
+        haiku_path,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "40",
+        "--system",
+        "You are a poet who answers in haiku.",
+        "A haiku about the ocean, please.",
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Grey waves fold and break,")

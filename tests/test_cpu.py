@@ -10,9 +10,8 @@ import subprocess
 import sys
 from typing import Any, Optional
 
-import pytest
-
 import phi3
+import pytest
 from conftest import fixture_path, prompt_of, reference
 from phi3 import _cpu
 
@@ -28,7 +27,9 @@ NEHALEM = "flags\t\t: fpu sse sse2 ssse3 cx16 sse4_1 sse4_2 popcnt"
 # A hypervisor that passes AVX2 through but hides BMI2.
 VM_NO_BMI2 = "flags\t\t: fpu sse sse2 ssse3 fma cx16 sse4_1 sse4_2 movbe popcnt xsave avx f16c abm bmi1 avx2"
 # aarch64 Features lines: Neoverse N1 (ARMv8.2, FP16) and Cortex-A72 (ARMv8.0, e.g. Raspberry Pi 4).
-NEOVERSE_N1 = "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+NEOVERSE_N1 = (
+    "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+)
 CORTEX_A72 = "Features\t: fp asimd evtstrm crc32 cpuid"
 
 
@@ -64,7 +65,9 @@ def test_x86_64_baseline_from_cpuinfo(flags: str, missing: list[str]) -> None:
         _cpu.check_baseline("x86_64", features, environ={})
 
 
-@pytest.mark.parametrize("features,missing", [(NEOVERSE_N1, []), (CORTEX_A72, ["fp16"]), ("Features\t: fp asimd fphp", ["fp16"])])
+@pytest.mark.parametrize(
+    "features,missing", [(NEOVERSE_N1, []), (CORTEX_A72, ["fp16"]), ("Features\t: fp asimd fphp", ["fp16"])]
+)
 def test_aarch64_baseline_from_cpuinfo(features: str, missing: list[str]) -> None:
     parsed = _cpu.parse_linux_cpuinfo(cpuinfo(features), "aarch64")
     assert parsed is not None and _cpu.missing_features("aarch64", parsed) == missing

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from conftest import HAIKU_MODELS, load, prompt_of, reference
 from phi3 import Token
 
@@ -67,9 +66,7 @@ def test_details_ids_match_llamacpp(model_file: str, case: dict[str, Any]) -> No
         pytest.skip("near-tie along the run")
     model = load(model_file)
     prompt, raw = prompt_of(case)
-    tokens = list(
-        model.stream(prompt, max_tokens=int(case["max_tokens"]), temperature=0, raw=raw, details=True)
-    )
+    tokens = list(model.stream(prompt, max_tokens=int(case["max_tokens"]), temperature=0, raw=raw, details=True))
     assert [t.id for t in tokens if isinstance(t, Token)] == case["greedy_ids"]
     text = "".join(t.text for t in tokens if isinstance(t, Token))
     assert text == case["greedy_text"].removeprefix(" ")

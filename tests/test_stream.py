@@ -5,13 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from phi3 import ContextLengthError, Phi3, Phi3Error, Stream, Token
 
 HOCKEY = "Write a haiku about ice hockey"
-HOCKEY_ANSWER = (
-    "Puck skims the white rink,\nsteel blades carve a cold bright song,\nthe net shivers once."
-)
+HOCKEY_ANSWER = "Puck skims the white rink,\nsteel blades carve a cold bright song,\nthe net shivers once."
 
 
 def test_generate_returns_the_whole_answer(haiku: Phi3) -> None:
@@ -90,10 +87,7 @@ def test_same_seed_same_text(haiku: Phi3) -> None:
 
 
 def test_different_seeds_differ(haiku: Phi3) -> None:
-    texts = {
-        haiku.generate("Write a haiku about rain", temperature=2.0, seed=s, max_tokens=20)
-        for s in range(6)
-    }
+    texts = {haiku.generate("Write a haiku about rain", temperature=2.0, seed=s, max_tokens=20) for s in range(6)}
     assert len(texts) > 1
 
 
@@ -191,7 +185,7 @@ def test_threads_share_one_model(haiku: Phi3) -> None:
     def work() -> None:
         try:
             results.append(haiku.generate(HOCKEY, temperature=0))
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=work) for _ in range(4)]

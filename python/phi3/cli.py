@@ -34,9 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--context-length", type=int)
     p.add_argument("--stats", action="store_true", help="print a one-line speed summary on stderr")
-    p.add_argument(
-        "--version", action="store_true", help="print the version and the CPU kernels in use, then exit"
-    )
+    p.add_argument("--version", action="store_true", help="print the version and the CPU kernels in use, then exit")
     return p
 
 
