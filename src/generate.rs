@@ -135,9 +135,7 @@ impl Generation {
             });
         }
         engine.check_token_ids(&prompt)?;
-        let cache = engine
-            .model()
-            .new_cache(prompt.len().saturating_add(params.max_tokens))?;
+        let cache = engine.model().new_cache();
         let decoder = DecodeStream::new(engine.tokenizer().clone(), true);
         let stop_ids = if params.ignore_eos {
             Vec::new()

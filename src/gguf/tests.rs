@@ -493,7 +493,7 @@ fn tiny_model() -> Gguf {
 /// Loads, runs two tokens, tokenizes: what every accepted file must survive.
 fn exercise_model(model: &Phi3Model) -> Result<()> {
     let last = (model.vocab_size() - 1) as u32;
-    let mut cache = model.new_cache(4)?;
+    let mut cache = model.new_cache();
     model.forward(&[0, last], &mut cache)?;
     model.forward(&[last], &mut cache)?;
     Ok(())

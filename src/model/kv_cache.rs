@@ -1,57 +1,73 @@
-//! Per-generation key/value cache. Allocated for the tokens a generation will need (never the
-//! model's whole context up front) and written in place: no per-step concatenation. Stored in
+//! Key/value cache of one sequence, in blocks of [`BLOCK_POSITIONS`] positions that several
+//! caches may share: a cache taken from another's prefix holds the same blocks (reference
+//! counted, nothing copied), and a block is copied only when a cache writes into one it shares
+//! (the last, partly filled block of a shared prefix). Blocks are allocated as positions are
+//! written, so a cache holds what its sequence used, never the model's whole context. Stored in
 //! f16, as llama.cpp stores it by default: half the memory of f32, and the same rounding.
+
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use half::{f16, slice::HalfFloatSliceExt};
-use rayon::prelude::*;
 
-use crate::error::Result;
-use crate::kernels::vector;
+use crate::error::{Error, Result};
 
-/// One layer's keys and values, each `[kv_heads][capacity][head_dim]`.
-#[derive(Debug)]
-struct LayerCache {
-    k: Vec<f16>,
-    v: Vec<f16>,
+/// Positions per block: small enough that the copy on a shared block's first write stays small,
+/// large enough that attention's inner loops run over long contiguous rows.
+pub const BLOCK_POSITIONS: usize = 64;
+
+/// What every block of one model's caches holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
 }
 
-#[derive(Debug)]
+impl KvShape {
+    /// f16 values of one block: `[layer][keys, values][kv_head][BLOCK_POSITIONS][head_dim]`.
+    fn block_len(&self) -> usize {
+        self.layers * 2 * self.kv_heads * BLOCK_POSITIONS * self.head_dim
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(&self) -> usize {
+        self.block_len() * std::mem::size_of::<f16>()
+    }
+
+    /// Offset of the `BLOCK_POSITIONS * head_dim` keys (`values = false`) or values of one KV
+    /// head of one layer within a block.
+    fn head_at(&self, layer: usize, values: bool, kv_head: usize) -> usize {
+        let head = BLOCK_POSITIONS * self.head_dim;
+        ((layer * 2 + values as usize) * self.kv_heads + kv_head) * head
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block(Vec<f16>);
+
+#[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<LayerCache>,
-    kv_heads: usize,
-    head_dim: usize,
+    shape: KvShape,
+    blocks: Vec<Arc<Block>>,
     /// Positions filled so far.
     len: usize,
-    capacity: usize,
     /// Never grows past this (the context in use).
-    max_capacity: usize,
+    max_len: usize,
 }
 
 impl KvCache {
-    pub fn new(
-        layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        capacity: usize,
-        max_capacity: usize,
-    ) -> Result<Self> {
-        let capacity = capacity.clamp(1, max_capacity.max(1));
-        let size = kv_heads * capacity * head_dim;
-        let layers = (0..layers)
-            .map(|_| LayerCache {
-                k: vec![f16::ZERO; size],
-                v: vec![f16::ZERO; size],
-            })
-            .collect();
-        Ok(Self {
-            layers,
-            kv_heads,
-            head_dim,
+    pub fn new(shape: KvShape, max_len: usize) -> Self {
+        Self {
+            shape,
+            blocks: Vec::new(),
             len: 0,
-            capacity,
-            max_capacity,
-        })
+            max_len,
+        }
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
     }
 
     pub fn len(&self) -> usize {
@@ -62,105 +78,217 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Makes room for `extra` more positions, growing geometrically so appends stay amortized O(1).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// A cache of this one's first `len` positions, sharing its blocks.
+    pub fn prefix(&self, len: usize) -> KvCache {
+        let len = len.min(self.len);
+        KvCache {
+            shape: self.shape,
+            blocks: self.blocks[..len.div_ceil(BLOCK_POSITIONS)].to_vec(),
+            len,
+            max_len: self.max_len,
+        }
+    }
+
+    /// Forgets positions from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            self.len = len;
+            self.blocks.truncate(len.div_ceil(BLOCK_POSITIONS));
+        }
+    }
+
+    /// The blocks this cache holds, to count memory shared between caches once.
+    pub fn block_ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.blocks.iter().map(|b| Arc::as_ptr(b) as usize)
+    }
+
+    /// Bytes of the blocks this cache holds (shared ones included).
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() * self.shape.block_bytes()
+    }
+
+    /// Makes room for `extra` more positions: allocates the blocks they need, and takes a copy
+    /// of the last block if it is shared and the new positions go into it.
     pub fn reserve(&mut self, extra: usize) -> Result<()> {
-        let needed = self.len + extra;
-        if needed <= self.capacity {
-            return Ok(());
-        }
-        let capacity = needed
-            .max(self.capacity * 2)
-            .min(self.max_capacity.max(needed));
-        let (old, d, len) = (self.capacity, self.head_dim, self.len);
-        let grow = |buf: &Vec<f16>| {
-            let mut grown = vec![f16::ZERO; self.kv_heads * capacity * d];
-            for h in 0..self.kv_heads {
-                grown[h * capacity * d..][..len * d]
-                    .copy_from_slice(&buf[h * old * d..][..len * d]);
-            }
-            grown
+        let needed = self.len.checked_add(extra).filter(|&n| n <= self.max_len);
+        let Some(needed) = needed else {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: self.len.saturating_add(extra),
+                context_length: self.max_len,
+            });
         };
-        for layer in &mut self.layers {
-            layer.k = grow(&layer.k);
-            layer.v = grow(&layer.v);
+        if extra > 0 && self.len % BLOCK_POSITIONS != 0 {
+            let last = self.blocks.last_mut().expect("a partly filled block");
+            Arc::make_mut(last);
         }
-        self.capacity = capacity;
+        while self.blocks.len() * BLOCK_POSITIONS < needed {
+            self.blocks
+                .push(Arc::new(Block(vec![f16::ZERO; self.shape.block_len()])));
+        }
         Ok(())
     }
 
     /// Writes keys and values of positions `len..len + seq` of `layer`: position `s` has its
     /// `kv_heads * head_dim` keys at `rows[s * stride + k_at..]` and values at `.. + v_at..`.
-    /// The length advances once every layer is written, by [`KvCache::advance`].
+    /// Room must have been made by [`KvCache::reserve`]; the length advances once every layer is
+    /// written, by [`KvCache::advance`].
     pub fn write(&mut self, layer: usize, rows: &[f32], stride: usize, k_at: usize, v_at: usize) {
-        let (d, cap, len) = (self.head_dim, self.capacity, self.len);
-        let cache = &mut self.layers[layer];
+        let (shape, d) = (self.shape, self.shape.head_dim);
         for (s, row) in rows.chunks_exact(stride).enumerate() {
-            for h in 0..self.kv_heads {
-                let at = (h * cap + len + s) * d;
-                for (dst, src) in [(&mut cache.k, k_at), (&mut cache.v, v_at)] {
-                    dst[at..at + d].convert_from_f32_slice(&row[src + h * d..][..d]);
+            let pos = self.len + s;
+            let block = Arc::get_mut(&mut self.blocks[pos / BLOCK_POSITIONS])
+                .expect("reserve() made the blocks written to unshared");
+            let offset = (pos % BLOCK_POSITIONS) * d;
+            for h in 0..shape.kv_heads {
+                for (values, src) in [(false, k_at), (true, v_at)] {
+                    let at = shape.head_at(layer, values, h) + offset;
+                    block.0[at..at + d].convert_from_f32_slice(&row[src + h * d..][..d]);
                 }
             }
         }
     }
 
+    pub fn advance(&mut self, positions: usize) {
+        self.len += positions;
+    }
+
+    /// The keys (`values = false`) or values of KV head `kv_head` of `layer` for positions
+    /// `start..end`, as contiguous runs of `head_dim`-long rows, one run per block.
+    pub fn runs(
+        &self,
+        layer: usize,
+        values: bool,
+        kv_head: usize,
+        start: usize,
+        end: usize,
+    ) -> impl Iterator<Item = &[f16]> + '_ {
+        let d = self.shape.head_dim;
+        let at = self.shape.head_at(layer, values, kv_head);
+        let first_block = start / BLOCK_POSITIONS;
+        self.blocks[first_block..end.div_ceil(BLOCK_POSITIONS)]
+            .iter()
+            .enumerate()
+            .map(move |(i, block)| {
+                let base = (first_block + i) * BLOCK_POSITIONS;
+                let from = start.max(base) - base;
+                let to = end.min(base + BLOCK_POSITIONS) - base;
+                &block.0[at + from * d..at + to * d]
+            })
+    }
+
     /// Keys and values for positions `start..end` of `layer`, as f32 tensors
     /// `(kv_heads, end - start, head_dim)`.
     pub fn view(&self, layer: usize, start: usize, end: usize) -> Result<(Tensor, Tensor)> {
-        let (d, cap, n) = (self.head_dim, self.capacity, end - start);
-        let cache = &self.layers[layer];
-        let gather = |buf: &[f16]| -> Result<Tensor> {
-            let mut out = vec![0f32; self.kv_heads * n * d];
+        let (d, n, heads) = (self.shape.head_dim, end - start, self.shape.kv_heads);
+        let gather = |values: bool| -> Result<Tensor> {
+            let mut out = vec![0f32; heads * n * d];
             for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
-                buf[(h * cap + start) * d..][..n * d].convert_to_f32_slice(head);
-            }
-            Ok(Tensor::from_vec(out, (self.kv_heads, n, d), &Device::Cpu)?)
-        };
-        Ok((gather(&cache.k)?, gather(&cache.v)?))
-    }
-
-    /// Attention of one query position over cached positions `start..end` of `layer`.
-    /// `q`: `heads * head_dim` values (rotated), query head `h` reading KV head `h / group`;
-    /// `out`: the same shape. Runs on the caller's rayon pool, one task per KV head.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend_one(
-        &self,
-        layer: usize,
-        q: &[f32],
-        start: usize,
-        end: usize,
-        group: usize,
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        let (d, cap) = (self.head_dim, self.capacity);
-        let cache = &self.layers[layer];
-        out.par_chunks_mut(group * d)
-            .zip(q.par_chunks(group * d))
-            .enumerate()
-            .for_each(|(h, (out, q))| {
-                let keys = &cache.k[(h * cap + start) * d..(h * cap + end) * d];
-                let values = &cache.v[(h * cap + start) * d..(h * cap + end) * d];
-                let mut scores = vec![0f32; end - start];
-                for (out, q) in out.chunks_exact_mut(d).zip(q.chunks_exact(d)) {
-                    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(d)) {
-                        *s = scale * vector::dot_f16(k, q);
-                    }
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut total = 0.0;
-                    for s in &mut scores {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    out.fill(0.0);
-                    for (p, v) in scores.iter().zip(values.chunks_exact(d)) {
-                        vector::axpy_f16(p / total, v, out);
-                    }
+                let mut at = 0;
+                for run in self.runs(layer, values, h, start, end) {
+                    run.convert_to_f32_slice(&mut head[at..at + run.len()]);
+                    at += run.len();
                 }
-            });
+            }
+            Ok(Tensor::from_vec(out, (heads, n, d), &Device::Cpu)?)
+        };
+        Ok((gather(false)?, gather(true)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: KvShape = KvShape {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 4,
+    };
+
+    /// Appends `n` positions whose keys are `base + position` and values their negation.
+    fn append(cache: &mut KvCache, n: usize, base: f32) {
+        cache.reserve(n).unwrap();
+        let width = 2 * SHAPE.kv_heads * SHAPE.head_dim;
+        let rows: Vec<f32> = (0..n)
+            .flat_map(|s| {
+                let p = base + (cache.len() + s) as f32;
+                (0..width).map(move |i| if i < width / 2 { p } else { -p })
+            })
+            .collect();
+        for layer in 0..SHAPE.layers {
+            cache.write(layer, &rows, width, 0, width / 2);
+        }
+        cache.advance(n);
     }
 
-    pub fn advance(&mut self, positions: usize) {
-        self.len += positions;
+    fn keys(cache: &KvCache, layer: usize, start: usize, end: usize) -> Vec<f32> {
+        cache
+            .runs(layer, false, 1, start, end)
+            .flat_map(|run| run.iter().step_by(SHAPE.head_dim).map(|v| v.to_f32()))
+            .collect()
+    }
+
+    #[test]
+    fn positions_read_back_across_blocks() {
+        let mut cache = KvCache::new(SHAPE, 1000);
+        append(&mut cache, 100, 0.0);
+        append(&mut cache, 1, 0.0);
+        append(&mut cache, 60, 0.0);
+        assert_eq!(cache.len(), 161);
+        assert_eq!(cache.bytes(), 3 * SHAPE.block_bytes());
+        let expected: Vec<f32> = (10..150).map(|p| p as f32).collect();
+        assert_eq!(keys(&cache, 1, 10, 150), expected);
+        let (k, v) = cache.view(0, 60, 70).unwrap();
+        assert_eq!(k.dims(), &[2, 10, 4]);
+        let v = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v[0], -60.0);
+        assert_eq!(v[4 * 9], -69.0);
+    }
+
+    #[test]
+    fn a_shared_prefix_is_not_changed_by_either_cache() {
+        let mut original = KvCache::new(SHAPE, 1000);
+        append(&mut original, 70, 0.0);
+        let mut a = original.prefix(66);
+        let mut b = original.prefix(66);
+        // The first block is shared by all three; the partly used second block is copied on
+        // the first write into it.
+        append(&mut a, 10, 1000.0);
+        append(&mut b, 3, 500.0);
+        assert_eq!(a.block_ids().next(), original.block_ids().next());
+        assert_ne!(a.block_ids().nth(1), original.block_ids().nth(1));
+        assert_eq!(
+            keys(&original, 0, 64, 70),
+            [64.0, 65.0, 66.0, 67.0, 68.0, 69.0]
+        );
+        assert_eq!(keys(&a, 0, 64, 68), [64.0, 65.0, 1066.0, 1067.0]);
+        assert_eq!(keys(&b, 0, 64, 69), [64.0, 65.0, 566.0, 567.0, 568.0]);
+    }
+
+    #[test]
+    fn truncate_then_append_rewrites_the_tail() {
+        let mut cache = KvCache::new(SHAPE, 1000);
+        append(&mut cache, 130, 0.0);
+        cache.truncate(20);
+        assert_eq!(cache.bytes(), SHAPE.block_bytes());
+        append(&mut cache, 2, 500.0);
+        assert_eq!(keys(&cache, 1, 18, 22), [18.0, 19.0, 520.0, 521.0]);
+    }
+
+    #[test]
+    fn the_context_bounds_the_cache() {
+        let mut cache = KvCache::new(SHAPE, 10);
+        append(&mut cache, 10, 0.0);
+        assert!(matches!(
+            cache.reserve(1),
+            Err(Error::ContextOverflow {
+                prompt_tokens: 11,
+                context_length: 10
+            })
+        ));
     }
 }

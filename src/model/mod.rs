@@ -1,5 +1,6 @@
 //! The Phi-3 family's forward pass: hyper-parameters, weights, RoPE, KV cache.
 
+pub mod attention;
 pub mod config;
 pub mod kv_cache;
 pub mod linear;
@@ -8,5 +9,5 @@ pub mod rope;
 pub mod weights;
 
 pub use config::Config;
-pub use kv_cache::KvCache;
-pub use phi3::Phi3Model;
+pub use kv_cache::{KvCache, KvShape};
+pub use phi3::{Phi3Model, SeqInput, Workspace};

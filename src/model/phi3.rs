@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::attention::{self, AttentionShape, ChunkMask};
 use super::config::Config;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvShape};
 use super::linear::Linear;
 use super::rope::{use_long_factors, RopeTables};
 use super::weights::WeightLoader;
@@ -62,18 +62,51 @@ pub struct Phi3Model {
     rope: RopeTables,
 }
 
-/// One forward call's activations, `seq` rows each.
-struct Buffers {
-    /// The residual stream.
+/// One sequence's part of a forward pass: its new tokens, run at positions `cache.len()..`.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// The activations of a forward pass, one row per token of all its sequences. Kept by the
+/// caller between passes, so that steps of the same size allocate nothing.
+#[derive(Default)]
+pub struct Workspace {
+    rows: usize,
+    /// `(rows, embedding_length)`: the residual stream.
     x: Vec<f32>,
+    /// `(rows, embedding_length)`
     normed: Vec<f32>,
-    /// Queries, keys, values side by side.
+    /// `(rows, qkv_width)`: queries, keys, values side by side.
     qkv: Vec<f32>,
+    /// `(rows, head_count * head_dim)`
     attention: Vec<f32>,
+    /// `(rows, embedding_length)`
     projected: Vec<f32>,
-    /// Gate rows then up rows, per position.
+    /// `(rows, 2 * feed_forward_length)`: gate rows then up rows, per position.
     up: Vec<f32>,
+    /// `(rows, feed_forward_length)`
     gated: Vec<f32>,
+    /// `(sequences, embedding_length)`: the last row of each sequence, normed.
+    last: Vec<f32>,
+}
+
+impl Workspace {
+    fn prepare(&mut self, c: &Config, rows: usize) {
+        let n_embd = c.embedding_length;
+        self.rows = rows;
+        for (buf, width) in [
+            (&mut self.x, n_embd),
+            (&mut self.normed, n_embd),
+            (&mut self.qkv, c.qkv_width()),
+            (&mut self.attention, c.head_count * c.head_dim),
+            (&mut self.projected, n_embd),
+            (&mut self.up, 2 * c.feed_forward_length),
+            (&mut self.gated, c.feed_forward_length),
+        ] {
+            buf.resize(rows * width, 0.0);
+        }
+    }
 }
 
 impl Phi3Model {
@@ -198,89 +231,107 @@ impl Phi3Model {
         self.vocab_size
     }
 
-    /// A cache with room for `capacity` positions to start with (it grows up to the context).
-    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        KvCache::new(
-            self.config.block_count,
-            self.config.head_count_kv,
-            self.config.head_dim,
-            capacity,
-            self.context_length,
-        )
+    /// What each block of this model's KV caches holds.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.config.block_count,
+            kv_heads: self.config.head_count_kv,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// An empty cache, which grows as positions are written, up to the context.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.kv_shape(), self.context_length)
+    }
+
+    fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            heads: self.config.head_count,
+            kv_heads: self.config.head_count_kv,
+            head_dim: self.config.head_dim,
+            sliding_window: self.config.sliding_window,
+        }
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appends them to the cache and returns the
     /// logits `(vocab,)` of the last one.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let seq = tokens.len();
-        let start = cache.len();
-        if seq == 0 {
-            return Err(Error::invalid_argument("forward needs at least one token"));
+        let mut workspace = Workspace::default();
+        self.forward_batch(&mut [SeqInput { tokens, cache }], &mut workspace)
+    }
+
+    /// One pass over the weights for the new tokens of several sequences: the linear layers
+    /// run once over all their rows, attention runs per sequence over its own cache. Returns
+    /// the logits of each sequence's last token, `(sequences, vocab)`. A sequence's results
+    /// do not depend on the others (as far as the matrix kernels' summation order goes).
+    pub fn forward_batch(&self, seqs: &mut [SeqInput<'_>], b: &mut Workspace) -> Result<Vec<f32>> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+            return Err(Error::invalid_argument(
+                "forward needs at least one token per sequence",
+            ));
         }
-        if start + seq > self.context_length {
-            return Err(Error::ContextOverflow {
-                prompt_tokens: start + seq,
-                context_length: self.context_length,
-            });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+        if let Some(&bad) = seqs
+            .iter()
+            .flat_map(|s| s.tokens.iter())
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
             return Err(Error::invalid_argument(format!(
                 "token id {bad} is out of range (vocabulary of {})",
                 self.vocab_size
             )));
         }
-        cache.reserve(seq)?;
+        for s in seqs.iter_mut() {
+            s.cache.reserve(s.tokens.len())?;
+        }
         let c = &self.config;
         let n_embd = c.embedding_length;
-        let rows = |width: usize| vec![0f32; seq * width];
-        let mut b = Buffers {
-            x: rows(n_embd),
-            normed: rows(n_embd),
-            qkv: rows(c.qkv_width()),
-            attention: rows(c.head_count * c.head_dim),
-            projected: rows(n_embd),
-            up: rows(2 * c.feed_forward_length),
-            gated: rows(c.feed_forward_length),
-        };
+        let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        b.prepare(c, rows);
+        let tokens = seqs.iter().flat_map(|s| s.tokens.iter());
         for (row, &token) in b.x.chunks_exact_mut(n_embd).zip(tokens) {
             self.token_embedding.row(token as usize, row)?;
         }
+        let shape = self.attention_shape();
+        let masks = seqs
+            .iter()
+            .map(|s| match s.tokens.len() {
+                1 => Ok(None),
+                seq => ChunkMask::new(&shape, s.cache.len(), seq).map(Some),
+            })
+            .collect::<Result<Vec<_>>>()?;
         for (i, layer) in self.layers.iter().enumerate() {
             rms_norm(&b.x, &layer.attn_norm, c.rms_eps, &mut b.normed);
-            self.attention(i, layer, start, cache, &mut b)?;
+            self.attention(i, layer, seqs, &masks, b)?;
             add(&mut b.x, &b.projected);
             rms_norm(&b.x, &layer.ffn_norm, c.rms_eps, &mut b.normed);
-            self.feed_forward(layer, seq, &mut b)?;
+            self.feed_forward(layer, rows, b)?;
             add(&mut b.x, &b.projected);
         }
-        cache.advance(seq);
-        let last = &b.x[(seq - 1) * n_embd..];
-        let mut normed = vec![0f32; n_embd];
-        rms_norm(last, &self.output_norm, c.rms_eps, &mut normed);
-        let mut logits = vec![0f32; self.vocab_size];
-        self.output.forward(&normed, 1, &mut logits)?;
+        b.last.resize(seqs.len() * n_embd, 0.0);
+        let mut row = 0;
+        for (s, last) in seqs.iter_mut().zip(b.last.chunks_exact_mut(n_embd)) {
+            s.cache.advance(s.tokens.len());
+            row += s.tokens.len();
+            let x = &b.x[(row - 1) * n_embd..row * n_embd];
+            rms_norm(x, &self.output_norm, c.rms_eps, last);
+        }
+        let mut logits = vec![0f32; seqs.len() * self.vocab_size];
+        self.output.forward(&b.last, seqs.len(), &mut logits)?;
         Ok(logits)
     }
 
-    /// First cached position that the batch starting at `start` may attend to.
-    fn first_visible(&self, start: usize) -> usize {
-        match self.config.sliding_window {
-            Some(window) => (start + 1).saturating_sub(window),
-            None => 0,
-        }
-    }
-
-    /// `b.normed` → `b.projected`, through the cache of layer `index`.
+    /// `b.normed` → `b.projected`, each sequence through its cache's layer `index`.
     fn attention(
         &self,
         index: usize,
         layer: &Layer,
-        start: usize,
-        cache: &mut KvCache,
-        b: &mut Buffers,
+        seqs: &mut [SeqInput<'_>],
+        masks: &[Option<ChunkMask>],
+        b: &mut Workspace,
     ) -> Result<()> {
         let c = &self.config;
-        let seq = b.x.len() / c.embedding_length;
+        let seq = b.rows;
         let (d, q_width, kv_width) = (c.head_dim, c.head_count * c.head_dim, c.kv_width());
         let width = c.qkv_width();
         match &layer.qkv {
@@ -299,96 +350,33 @@ impl Phi3Model {
                 }
             }
         }
-        for (s, row) in b.qkv.chunks_exact_mut(width).enumerate() {
-            self.rope
-                .apply(&mut row[..q_width + kv_width], d, start + s);
-        }
-        cache.write(index, &b.qkv, width, q_width, q_width + kv_width);
-
-        let first = self.first_visible(start);
-        let end = start + seq;
-        let group = c.head_count / c.head_count_kv;
-        let scale = 1.0 / (d as f32).sqrt();
-        if seq == 1 {
-            cache.attend_one(
-                index,
-                &b.qkv[..q_width],
-                first,
-                end,
-                group,
-                scale,
-                &mut b.attention,
-            );
-        } else {
-            self.attend_batch(index, cache, start, seq, b)?;
+        let shape = self.attention_shape();
+        let mut first_row = 0;
+        for (s, mask) in seqs.iter_mut().zip(masks) {
+            let (n, start) = (s.tokens.len(), s.cache.len());
+            let qkv = &mut b.qkv[first_row * width..(first_row + n) * width];
+            for (p, row) in qkv.chunks_exact_mut(width).enumerate() {
+                self.rope
+                    .apply(&mut row[..q_width + kv_width], d, start + p);
+            }
+            s.cache
+                .write(index, qkv, width, q_width, q_width + kv_width);
+            let out = &mut b.attention[first_row * q_width..(first_row + n) * q_width];
+            match mask {
+                None => attention::attend_one(&shape, s.cache, index, start, &qkv[..q_width], out),
+                Some(mask) => {
+                    attention::attend_chunk(&shape, s.cache, index, mask, qkv, width, out)?
+                }
+            }
+            first_row += n;
         }
         layer
             .attn_output
             .forward(&b.attention, seq, &mut b.projected)
     }
 
-    /// Causal attention of `seq` new positions (queries in `b.qkv`) over the cache, as batched
-    /// matmuls: the `group` query heads sharing one KV head become rows of one product with it.
-    fn attend_batch(
-        &self,
-        index: usize,
-        cache: &KvCache,
-        start: usize,
-        seq: usize,
-        b: &mut Buffers,
-    ) -> Result<()> {
-        let c = &self.config;
-        let (d, heads, kv_heads) = (c.head_dim, c.head_count, c.head_count_kv);
-        let group = heads / kv_heads;
-        let width = c.qkv_width();
-        let first = self.first_visible(start);
-        let n_keys = start + seq - first;
-        // (kv_heads, group * seq, d): row g * seq + s of KV head h is query head h * group + g
-        // at position s.
-        let mut q = vec![0f32; heads * seq * d];
-        for (s, row) in b.qkv.chunks_exact(width).enumerate() {
-            for head in 0..heads {
-                q[(head * seq + s) * d..][..d].copy_from_slice(&row[head * d..][..d]);
-            }
-        }
-        let q = Tensor::from_vec(q, (kv_heads, group * seq, d), &Device::Cpu)?;
-        let (keys, values) = cache.view(index, first, start + seq)?;
-        let scores = (q.matmul(&keys.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let mask = self.attention_mask(start, seq)?;
-        let scores = scores
-            .reshape((kv_heads, group, seq, n_keys))?
-            .broadcast_add(&mask)?
-            .reshape((kv_heads, group * seq, n_keys))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values)?.flatten_all()?.to_vec1::<f32>()?;
-        for (head, rows) in out.chunks_exact(seq * d).enumerate() {
-            for (s, r) in rows.chunks_exact(d).enumerate() {
-                b.attention[(s * heads + head) * d..][..d].copy_from_slice(r);
-            }
-        }
-        Ok(())
-    }
-
-    /// `(seq, keys)` additive mask: causal, and within the sliding window.
-    fn attention_mask(&self, start: usize, seq: usize) -> Result<Tensor> {
-        let first = self.first_visible(start);
-        let keys = start + seq - first;
-        let window = self.config.sliding_window.unwrap_or(usize::MAX);
-        let mut mask = vec![0f32; seq * keys];
-        for row in 0..seq {
-            let pos = start + row;
-            for (col, m) in mask[row * keys..(row + 1) * keys].iter_mut().enumerate() {
-                let key_pos = first + col;
-                if key_pos > pos || pos - key_pos >= window {
-                    *m = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Ok(Tensor::from_vec(mask, (seq, keys), &Device::Cpu)?)
-    }
-
     /// `b.normed` → `b.projected`.
-    fn feed_forward(&self, layer: &Layer, seq: usize, b: &mut Buffers) -> Result<()> {
+    fn feed_forward(&self, layer: &Layer, seq: usize, b: &mut Workspace) -> Result<()> {
         let n_ff = self.config.feed_forward_length;
         layer.ffn_up.forward(&b.normed, seq, &mut b.up)?;
         let gate_up = |(out, up): (&mut [f32], &[f32])| {
@@ -451,7 +439,7 @@ mod tests {
         for case in refs["cases"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
             let prompt = ids(&case["prompt_ids"]);
-            let mut cache = model.new_cache(prompt.len() + 64).unwrap();
+            let mut cache = model.new_cache();
             let logits = model.forward(&prompt, &mut cache).unwrap();
             let logprobs = log_softmax(&logits);
             for (rank, entry) in case["last_top64"]
@@ -523,7 +511,7 @@ mod tests {
         let model = Phi3Model::load(&Arc::new(file), None).unwrap();
         let refs = reference("tiny-phi3-haiku-long-prompt.transformers.json");
         let prompt = ids(&refs["prompt_ids"]);
-        let mut cache = model.new_cache(prompt.len()).unwrap();
+        let mut cache = model.new_cache();
         let mut logits = vec![];
         for chunk in prompt.chunks(512) {
             logits = model.forward(chunk, &mut cache).unwrap();
