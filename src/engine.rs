@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use crate::chat_template::{ChatTemplate, Message};
 use crate::error::{Error, Result};
-use crate::generate::{Generation, GenerationParams};
+use crate::generate::prefix_pool::DEFAULT_CACHE_BYTES;
+use crate::generate::scheduler::DEFAULT_MAX_BATCH;
+use crate::generate::{Generation, GenerationParams, PrefixPool, Scheduler, StreamHandle};
 use crate::gguf::names;
 use crate::gguf::{GgufFile, Value};
-use crate::model::{KvCache, Phi3Model};
+use crate::model::{KvCache, Phi3Model, SeqInput, Workspace};
 use crate::tokenizer::Tokenizer;
 
 /// Most worker threads a caller may ask for.
@@ -23,6 +25,11 @@ pub struct EngineOptions {
     pub threads: Option<usize>,
     /// Context length in use (default: the model's original training context).
     pub context_length: Option<usize>,
+    /// Bound of the prefix pool, which keeps finished generations' KV caches for later
+    /// prompts that start the same way (default [`DEFAULT_CACHE_BYTES`]; 0 turns it off).
+    pub cache_bytes: Option<usize>,
+    /// Streams that share one forward pass (default [`DEFAULT_MAX_BATCH`]); more wait.
+    pub max_batch: Option<usize>,
 }
 
 /// What a generation starts from.
@@ -46,6 +53,8 @@ pub struct Engine {
     /// The GGUF key/values that are not arrays, for callers to inspect.
     metadata: Vec<(String, Value)>,
     pool: rayon::ThreadPool,
+    prefix_pool: PrefixPool,
+    scheduler: Scheduler,
     /// Last, so that it drops after the weights.
     _release: ReleaseMemoryOnDrop,
 }
@@ -128,6 +137,8 @@ impl Engine {
             template,
             metadata,
             pool,
+            prefix_pool: PrefixPool::new(options.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES)),
+            scheduler: Scheduler::new(options.max_batch.unwrap_or(DEFAULT_MAX_BATCH))?,
             _release: ReleaseMemoryOnDrop,
         })
     }
@@ -156,6 +167,19 @@ impl Engine {
         self.model.vocab_size()
     }
 
+    pub fn prefix_pool(&self) -> &PrefixPool {
+        &self.prefix_pool
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// Runs `generation` on the scheduler, batched with the other streams of this engine.
+    pub fn submit(&self, generation: Generation) -> StreamHandle {
+        self.scheduler.submit(generation)
+    }
+
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }
@@ -163,6 +187,16 @@ impl Engine {
     /// Runs the model on this engine's thread pool.
     pub(crate) fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         self.pool.install(|| self.model.forward(tokens, cache))
+    }
+
+    /// Runs several sequences through one pass of the model on this engine's thread pool.
+    pub(crate) fn forward_batch(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        workspace: &mut Workspace,
+    ) -> Result<Vec<f32>> {
+        self.pool
+            .install(|| self.model.forward_batch(seqs, workspace))
     }
 
     pub fn apply_chat_template(
@@ -248,6 +282,6 @@ impl Engine {
         // call that is going to fail.
         params.validate()?;
         let ids = self.encode_prompt(prompt)?;
-        Generation::new(self.clone(), ids, params)
+        Generation::new(self.clone(), ids, params, None, None)
     }
 }

@@ -46,6 +46,19 @@ pub enum Error {
 
     #[error("model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
+
+    /// A bug in phi3 (a caught panic, a broken invariant): the call fails, the process goes on.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What a caught panic says.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".to_string())
 }
 
 impl Error {

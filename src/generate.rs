@@ -1,15 +1,24 @@
 //! The generation loop: batched prefill, sampling, stop tokens and stop strings, incremental
 //! UTF-8-safe text, timings. Driven one step at a time so that a caller (the Python iterator)
-//! can check for interruption between steps.
+//! can check for interruption between steps. A generation starts from the longest prefix of
+//! its prompt that the model's [`PrefixPool`] (or its conversation) holds, and leaves its own
+//! cache there when it ends.
+
+pub mod conversation;
+pub mod prefix_pool;
+pub mod scheduler;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::model::KvCache;
+use crate::model::{KvCache, SeqInput};
 use crate::sampling::{log_prob, Sampler, SamplingParams};
 use crate::tokenizer::DecodeStream;
+use conversation::Conversation;
+pub use prefix_pool::PrefixPool;
+pub use scheduler::{Scheduler, StreamHandle};
 
 /// Prompt tokens per forward pass while prefilling.
 pub const PREFILL_CHUNK: usize = 512;
@@ -65,6 +74,8 @@ impl FinishReason {
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix pool or the conversation.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     pub finish_reason: Option<FinishReason>,
     pub time_to_first_token_s: f64,
@@ -110,6 +121,10 @@ pub struct Generation {
     logits: Option<Vec<f32>>,
     /// Released answer text not yet passed on (a possible stop-string start).
     held: String,
+    /// The answer so far: every text passed on.
+    answer: String,
+    /// The conversation this generation is a turn of, which gets its answer and cache.
+    conversation: Option<Arc<Conversation>>,
     stats: Stats,
     started: Option<Instant>,
     first_token_at: Option<Instant>,
@@ -118,10 +133,14 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// A generation of `prompt` (checked token ids), starting from `cache` when given (which
+    /// holds a prefix of the prompt), else from what the prefix pool holds.
     pub(crate) fn new(
         engine: Arc<Engine>,
         prompt: Vec<u32>,
         params: GenerationParams,
+        cache: Option<KvCache>,
+        conversation: Option<Arc<Conversation>>,
     ) -> Result<Self> {
         params.validate()?;
         let context = engine.context_length();
@@ -134,8 +153,19 @@ impl Generation {
                 context_length: context,
             });
         }
+        // Checked here, not only where the prompt was encoded: a scheduler pass refuses a batch
+        // with a bad id in it.
         engine.check_token_ids(&prompt)?;
-        let cache = engine.model().new_cache();
+        // At least the last prompt token is evaluated, for fresh logits.
+        let reusable = prompt.len() - 1;
+        let cache = cache
+            .filter(|c| !c.is_empty())
+            .map(|mut c| {
+                c.truncate(reusable);
+                c
+            })
+            .or_else(|| engine.prefix_pool().lookup(&prompt, reusable))
+            .unwrap_or_else(|| engine.model().new_cache());
         let decoder = DecodeStream::new(engine.tokenizer().clone(), true);
         let stop_ids = if params.ignore_eos {
             Vec::new()
@@ -146,6 +176,7 @@ impl Generation {
             sampler: Sampler::new(params.sampling.clone()),
             stats: Stats {
                 prompt_tokens: prompt.len(),
+                cached_tokens: cache.len(),
                 ..Stats::default()
             },
             history: prompt.clone(),
@@ -157,6 +188,8 @@ impl Generation {
             stop_ids,
             logits: None,
             held: String::new(),
+            answer: String::new(),
+            conversation,
             started: None,
             first_token_at: None,
             prefill_time: Duration::ZERO,
@@ -168,8 +201,71 @@ impl Generation {
         &self.stats
     }
 
-    /// Does one unit of work: a chunk of the prompt, or one token.
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The prompt is in the cache: each pass from now on evaluates one sampled token.
+    pub(crate) fn is_decoding(&self) -> bool {
+        self.cache.len() >= self.prompt.len()
+    }
+
+    /// Does one unit of work: a chunk of the prompt, or one token, through the model alone.
+    /// (The [`Scheduler`] does the same for many generations, batching their model work.)
     pub fn step(&mut self) -> Result<Event> {
+        let engine = self.engine.clone();
+        if let Some(input) = self.input(PREFILL_CHUNK) {
+            let logits = engine.forward(input.tokens, input.cache)?;
+            self.evaluated(logits);
+        }
+        self.produce()
+    }
+
+    /// What must go through the model before the next event: the next chunk of the prompt
+    /// (at most `max_prompt_tokens`, at least one) or the last sampled token. `None` when the
+    /// next event needs no model work.
+    pub(crate) fn input(&mut self, max_prompt_tokens: usize) -> Option<SeqInput<'_>> {
+        if self.finished || self.logits.is_some() || self.params.max_tokens == 0 {
+            return None;
+        }
+        self.started.get_or_insert_with(Instant::now);
+        let done = self.cache.len();
+        let tokens = if done < self.prompt.len() {
+            let end = (done + max_prompt_tokens.max(1)).min(self.prompt.len());
+            &self.prompt[done..end]
+        } else {
+            // The last sampled token, which is in the history but not yet in the cache.
+            std::slice::from_ref(self.history.last()?)
+        };
+        Some(SeqInput {
+            tokens,
+            cache: &mut self.cache,
+        })
+    }
+
+    /// The model ran [`input`](Self::input): `logits` are those of its last token.
+    pub(crate) fn evaluated(&mut self, logits: Vec<f32>) {
+        if self.cache.len() < self.prompt.len() {
+            return;
+        }
+        if self.logits.is_none() && self.first_token_at.is_none() {
+            self.prefill_time = self.started.map(|s| s.elapsed()).unwrap_or_default();
+        }
+        self.logits = Some(logits);
+    }
+
+    /// The next event, once the model has evaluated what [`input`](Self::input) asked for.
+    pub(crate) fn produce(&mut self) -> Result<Event> {
+        let event = self.next_event()?;
+        match &event {
+            Event::Token(piece) => self.answer.push_str(&piece.text),
+            Event::Finished { text } => self.answer.push_str(text),
+            Event::Prefilled => {}
+        }
+        Ok(event)
+    }
+
+    fn next_event(&mut self) -> Result<Event> {
         if self.finished {
             return Ok(Event::Finished {
                 text: String::new(),
@@ -181,18 +277,11 @@ impl Generation {
             return Ok(Event::Finished { text });
         }
         let Some(mut logits) = self.logits.take() else {
-            let done = self.cache.len();
-            let chunk = &self.prompt[done..(done + PREFILL_CHUNK).min(self.prompt.len())];
-            let logits = self.engine.forward(chunk, &mut self.cache)?;
-            if self.cache.len() == self.prompt.len() {
-                self.logits = Some(logits);
-                self.prefill_time = started.elapsed();
-            }
             return Ok(Event::Prefilled);
         };
 
-        let logprob_source = logits.clone();
         let id = self.sampler.sample(&mut logits, &self.history);
+        let logprob = log_prob(&logits, id);
         let now = Instant::now();
         if self.first_token_at.is_none() {
             self.first_token_at = Some(now);
@@ -208,7 +297,7 @@ impl Generation {
         self.held.push_str(&token_text);
         let piece = |text| Piece {
             id,
-            logprob: log_prob(&logprob_source, id),
+            logprob,
             token_text: token_text.clone(),
             text,
         };
@@ -231,7 +320,6 @@ impl Generation {
             let tail = self.finish(FinishReason::Length);
             return Ok(Event::Token(piece(text + &tail)));
         }
-        self.logits = Some(self.engine.forward(&[id], &mut self.cache)?);
         Ok(Event::Token(piece(text)))
     }
 
@@ -249,11 +337,26 @@ impl Generation {
         }
         let prefill = self.prefill_time.as_secs_f64();
         if prefill > 0.0 {
-            self.stats.prefill_tokens_per_s = self.prompt.len() as f64 / prefill;
+            let evaluated = self.prompt.len() - self.stats.cached_tokens;
+            self.stats.prefill_tokens_per_s = evaluated as f64 / prefill;
         }
         let mut text = std::mem::take(&mut self.held);
         text.push_str(&self.decoder.finish().unwrap_or_default());
         text
+    }
+}
+
+impl Drop for Generation {
+    /// Whether it finished or was abandoned, what the cache holds is valid for its tokens: it
+    /// goes to the pool, and to the conversation with the answer so far.
+    fn drop(&mut self) {
+        let cache = std::mem::replace(&mut self.cache, self.engine.model().new_cache());
+        let tokens = &self.history[..cache.len().min(self.history.len())];
+        if let Some(conversation) = &self.conversation {
+            let answer = std::mem::take(&mut self.answer);
+            conversation.end_turn(answer, tokens.to_vec(), cache.clone());
+        }
+        self.engine.prefix_pool().insert(tokens, cache);
     }
 }
 
@@ -280,6 +383,85 @@ fn longest_stop_prefix(text: &str, stops: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat_template::Message;
+    use crate::engine::{EngineOptions, Prompt};
+    use crate::test_support::fixture;
+
+    fn engine(cache_bytes: usize) -> Arc<Engine> {
+        let options = EngineOptions {
+            cache_bytes: Some(cache_bytes),
+            ..EngineOptions::default()
+        };
+        Arc::new(Engine::load(&fixture("tiny-phi3-haiku-q4_k_m.gguf"), &options).unwrap())
+    }
+
+    /// The answer, the first token's log-probability and the stats of a greedy run.
+    fn greedy(engine: &Arc<Engine>, prompt: &Prompt) -> (String, f32, Stats) {
+        let params = GenerationParams {
+            max_tokens: 40,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            ..GenerationParams::default()
+        };
+        let mut generation = engine.generate(prompt, params).unwrap();
+        let (mut text, mut first) = (String::new(), None);
+        loop {
+            match generation.step().unwrap() {
+                Event::Token(piece) => {
+                    first.get_or_insert(piece.logprob);
+                    text.push_str(&piece.text);
+                }
+                Event::Finished { text: tail } => {
+                    text.push_str(&tail);
+                    return (text, first.unwrap(), generation.stats().clone());
+                }
+                Event::Prefilled => {}
+            }
+        }
+    }
+
+    /// A conversation sent whole every turn, as chat clients do: with the pool, each turn
+    /// evaluates only what the last one did not, and answers exactly as without it.
+    #[test]
+    fn prefix_reuse_is_exact() {
+        let (pooled, plain) = (engine(1 << 30), engine(0));
+        let mut messages = vec![Message::new("system", "You write haiku.")];
+        for (turn, topic) in ["ice hockey", "autumn rain", "a lighthouse", "snow"]
+            .iter()
+            .enumerate()
+        {
+            messages.push(Message::new("user", format!("Write a haiku about {topic}")));
+            let prompt = Prompt::Messages(messages.clone());
+            let (text, logprob, stats) = greedy(&pooled, &prompt);
+            let (want, want_logprob, want_stats) = greedy(&plain, &prompt);
+            assert_eq!(text, want, "turn {turn}");
+            assert!(
+                (logprob - want_logprob).abs() < 1e-4,
+                "{logprob} vs {want_logprob}"
+            );
+            assert_eq!(want_stats.cached_tokens, 0);
+            if turn == 0 {
+                assert_eq!(stats.cached_tokens, 0);
+            } else {
+                // The previous prompt and answer up to where the template's rendering of the
+                // answer differs from the tokens generated (at most the end marker).
+                let previous = pooled
+                    .encode_prompt(&Prompt::Messages(messages[..messages.len() - 2].to_vec()))
+                    .unwrap();
+                assert!(stats.cached_tokens > previous.len(), "{stats:?}");
+                assert!(stats.cached_tokens < stats.prompt_tokens);
+            }
+            messages.push(Message::new("assistant", text));
+        }
+        // The same prompt again: everything but its last token comes from the pool.
+        let (_, _, stats) = greedy(&pooled, &Prompt::Text("Write a haiku about snow".into()));
+        let (_, _, again) = greedy(&pooled, &Prompt::Text("Write a haiku about snow".into()));
+        assert_eq!(again.cached_tokens, stats.prompt_tokens - 1);
+        assert!(plain.prefix_pool().is_empty());
+        assert!(pooled.prefix_pool().bytes() <= 1 << 30);
+    }
 
     fn stops(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()

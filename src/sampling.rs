@@ -65,6 +65,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Reused between steps: (token, probability) candidates.
     candidates: Vec<(u32, f32)>,
+    /// Reused between steps: (token, raw logit) of the tokens the penalty changed.
+    penalized: Vec<(usize, f32)>,
 }
 
 impl Sampler {
@@ -77,13 +79,23 @@ impl Sampler {
             params,
             rng,
             candidates: Vec::new(),
+            penalized: Vec::new(),
         }
     }
 
-    /// Picks the next token. `logits` is modified in place (penalty, temperature);
-    /// `history` holds the tokens seen so far, prompt included.
+    /// Picks the next token; `history` holds the tokens seen so far, prompt included. The
+    /// penalty is applied to `logits` in place and undone before returning, so that the caller
+    /// can take the raw log-probability of the pick without a copy of the logits.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.apply_repeat_penalty(logits, history);
+        let id = self.pick(logits);
+        for &(i, raw) in &self.penalized {
+            logits[i] = raw;
+        }
+        id
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -135,7 +147,8 @@ impl Sampler {
         candidates.last().map_or(0, |c| c.0)
     }
 
-    fn apply_repeat_penalty(&self, logits: &mut [f32], history: &[u32]) {
+    fn apply_repeat_penalty(&mut self, logits: &mut [f32], history: &[u32]) {
+        self.penalized.clear();
         let penalty = self.params.repeat_penalty;
         if penalty == 1.0 || self.params.repeat_last_n == 0 {
             return;
@@ -147,6 +160,7 @@ impl Sampler {
                 continue;
             }
             if let Some(l) = logits.get_mut(id as usize) {
+                self.penalized.push((id as usize, *l));
                 *l = if *l >= 0.0 {
                     *l / penalty
                 } else {
@@ -200,10 +214,11 @@ mod tests {
         });
         // 3.0 / 2 = 1.5 < 2.9: token 1 was just seen, token 3 wins.
         assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 2.9], &[1]), 3);
-        // Negative logits are multiplied: -1 * 2 = -2 stays below 0.1.
-        let mut logits = [0.1, -1.0];
-        s.sample(&mut logits, &[1]);
-        assert_eq!(logits[1], -2.0);
+        // Negative logits are multiplied: -1 * 2 = -2 falls below -1.5.
+        let mut logits = [-1.5, -1.0];
+        assert_eq!(s.sample(&mut logits, &[1]), 0);
+        // And the caller gets its logits back as they were.
+        assert_eq!(logits, [-1.5, -1.0]);
     }
 
     #[test]

@@ -472,6 +472,72 @@ mod tests {
         }
     }
 
+    /// Several sequences in one pass, at different positions, prefill and decode mixed: each
+    /// gets the greedy continuation it gets alone, and logits within the kernels' summation
+    /// order of its own.
+    #[test]
+    fn a_batch_runs_each_sequence_as_alone() {
+        let file = GgufFile::open(fixture("tiny-phi3-haiku-q4_k_m.gguf")).unwrap();
+        let model = Phi3Model::load(&Arc::new(file), None).unwrap();
+        let refs = reference("tiny-phi3-haiku-q4_k_m.llamacpp.json");
+        let prompts: Vec<Vec<u32>> = refs["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|case| ids(&case["prompt_ids"]))
+            .collect();
+        let steps = 12;
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|prompt| {
+                let mut cache = model.new_cache();
+                let mut next = argmax(&model.forward(prompt, &mut cache).unwrap());
+                let mut out = vec![next];
+                for _ in 1..steps {
+                    next = argmax(&model.forward(&[next], &mut cache).unwrap());
+                    out.push(next);
+                }
+                out
+            })
+            .collect();
+        // Sequence i joins at step i: until then the others decode without it.
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| model.new_cache()).collect();
+        let mut outputs: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
+        let mut workspace = Workspace::default();
+        for step in 0..steps + prompts.len() {
+            let active: Vec<usize> = (0..prompts.len())
+                .filter(|&i| i <= step && outputs[i].len() < steps)
+                .collect();
+            let inputs: Vec<Vec<u32>> = active
+                .iter()
+                .map(|&i| match outputs[i].last() {
+                    None => prompts[i].clone(),
+                    Some(&last) => vec![last],
+                })
+                .collect();
+            let mut seqs: Vec<SeqInput<'_>> = Vec::new();
+            let mut rest = caches.as_mut_slice();
+            let mut taken = 0;
+            for (&i, tokens) in active.iter().zip(&inputs) {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(i + 1 - taken);
+                taken = i + 1;
+                rest = tail;
+                seqs.push(SeqInput {
+                    tokens,
+                    cache: head.last_mut().unwrap(),
+                });
+            }
+            if seqs.is_empty() {
+                continue;
+            }
+            let logits = model.forward_batch(&mut seqs, &mut workspace).unwrap();
+            for (&i, logits) in active.iter().zip(logits.chunks_exact(model.vocab_size())) {
+                outputs[i].push(argmax(logits));
+            }
+        }
+        assert_eq!(outputs, alone);
+    }
+
     #[test]
     fn haiku_q4_k_m_matches_llamacpp() {
         check_against_llamacpp("tiny-phi3-haiku-q4_k_m.gguf");

@@ -92,7 +92,7 @@ pub fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
         },
         Error::InvalidArgument(_) => PyValueError::new_err(msg),
         Error::Hub(_) => DownloadError::new_err(msg),
-        Error::Compute(_) => Phi3Error::new_err(msg),
+        Error::Compute(_) | Error::Internal(_) => Phi3Error::new_err(msg),
     }
 }
 
@@ -106,13 +106,9 @@ where
     match py.detach(|| catch_unwind(AssertUnwindSafe(work))) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(to_py_err(py, err)),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown cause".to_string());
-            Err(Phi3Error::new_err(format!("internal error: {what}")))
-        }
+        Err(panic) => Err(to_py_err(
+            py,
+            Error::Internal(crate::error::panic_message(panic.as_ref())),
+        )),
     }
 }

@@ -8,13 +8,13 @@ use pyo3::exceptions::{PyFileNotFoundError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
+use super::chat::PyChat;
 use super::convert::{self, type_name};
 use super::errors::detached;
-use super::stream::{next_event, PyStream};
+use super::options::StreamOptions;
+use super::stream::PyStream;
 use crate::engine::{Engine, EngineOptions};
-use crate::generate::{Event, GenerationParams};
 use crate::hub;
-use crate::sampling::SamplingParams;
 
 /// Where the model file comes from.
 enum ModelSource {
@@ -121,15 +121,23 @@ fn tokenizer_path(
     .map(Some)
 }
 
-fn non_negative(value: i64, name: &str) -> PyResult<usize> {
-    usize::try_from(value)
-        .map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {value}")))
+/// A count argument that is `None` (the default) or at least `min`.
+fn at_least(value: Option<i64>, min: i64, name: &str) -> PyResult<Option<usize>> {
+    value
+        .map(|v| match usize::try_from(v) {
+            Ok(n) if v >= min => Ok(n),
+            _ => Err(PyValueError::new_err(format!(
+                "{name} must be >= {min}, got {v}"
+            ))),
+        })
+        .transpose()
 }
 
 #[pymethods]
 impl PyPhi3 {
     #[new]
-    #[pyo3(signature = (model=None, *, filename=None, revision=None, tokenizer=None, threads=None, context_length=None))]
+    #[pyo3(signature = (model=None, *, filename=None, revision=None, tokenizer=None, threads=None, context_length=None, cache_bytes=None, max_batch=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model: Option<&Bound<'_, PyAny>>,
@@ -138,28 +146,20 @@ impl PyPhi3 {
         tokenizer: Option<&Bound<'_, PyAny>>,
         threads: Option<i64>,
         context_length: Option<i64>,
+        cache_bytes: Option<i64>,
+        max_batch: Option<i64>,
     ) -> PyResult<Self> {
-        let threads = threads
-            .map(|t| match usize::try_from(t) {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(PyValueError::new_err(format!(
-                    "threads must be >= 1, got {t}"
-                ))),
-            })
-            .transpose()?;
-        let context_length = context_length
-            .map(|c| match usize::try_from(c) {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(PyValueError::new_err(format!(
-                    "context_length must be >= 1, got {c}"
-                ))),
-            })
-            .transpose()?;
+        let options = EngineOptions {
+            threads: at_least(threads, 1, "threads")?,
+            context_length: at_least(context_length, 1, "context_length")?,
+            cache_bytes: at_least(cache_bytes, 0, "cache_bytes")?,
+            max_batch: at_least(max_batch, 1, "max_batch")?,
+            tokenizer: None,
+        };
         let source = model_source(model, filename, revision)?;
         let options = EngineOptions {
             tokenizer: tokenizer_path(py, tokenizer)?,
-            threads,
-            context_length,
+            ..options
         };
         let progress = std::io::stderr().is_terminal();
         let engine = detached(py, || {
@@ -181,71 +181,63 @@ impl PyPhi3 {
     /// Starts generating an answer to `prompt`; iterate the result for text pieces.
     #[pyo3(signature = (prompt, max_tokens=512, temperature=0.8, top_p=None, top_k=None, seed=None, repeat_penalty=1.0, repeat_last_n=64, stop=None, ignore_eos=false, raw=false, details=false))]
     #[allow(clippy::too_many_arguments)]
-    fn stream(
+    fn stream<'py>(
         &self,
-        py: Python<'_>,
-        prompt: &Bound<'_, PyAny>,
+        py: Python<'py>,
+        prompt: &Bound<'py, PyAny>,
         max_tokens: i64,
         temperature: f64,
         top_p: Option<f64>,
         top_k: Option<i64>,
-        seed: Option<&Bound<'_, PyAny>>,
+        seed: Option<Bound<'py, PyAny>>,
         repeat_penalty: f64,
         repeat_last_n: i64,
-        stop: Option<&Bound<'_, PyAny>>,
+        stop: Option<Bound<'py, PyAny>>,
         ignore_eos: bool,
         raw: bool,
         details: bool,
     ) -> PyResult<PyStream> {
         let prompt = convert::prompt(prompt, raw)?;
-        let seed = match seed.filter(|s| !s.is_none()) {
-            None => None,
-            Some(s) => {
-                let value: i128 = s.extract().map_err(|_| {
-                    PyTypeError::new_err(format!("seed must be an int, got {}", type_name(s)))
-                })?;
-                Some(u64::try_from(value).map_err(|_| {
-                    PyValueError::new_err(format!("seed must be in 0..2**64, got {value}"))
-                })?)
-            }
-        };
-        let params = GenerationParams {
-            max_tokens: non_negative(max_tokens, "max_tokens")?,
-            sampling: SamplingParams {
-                temperature: temperature as f32,
-                top_p: top_p.map(|p| p as f32),
-                top_k: top_k.map(|k| non_negative(k, "top_k")).transpose()?,
-                seed,
-                repeat_penalty: repeat_penalty as f32,
-                repeat_last_n: non_negative(repeat_last_n, "repeat_last_n")?,
-            },
-            stop: convert::stop_strings(stop)?,
+        let params = StreamOptions {
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed: seed.filter(|s| !s.is_none()),
+            repeat_penalty,
+            repeat_last_n,
+            stop: stop.filter(|s| !s.is_none()),
             ignore_eos,
-        };
+            details,
+        }
+        .params()?;
         let engine = &self.engine;
-        let generation = detached(py, || engine.generate(&prompt, params))?;
-        Ok(PyStream::new(generation, details))
+        let handle = detached(py, || {
+            let generation = engine.generate(&prompt, params)?;
+            Ok(engine.submit(generation))
+        })?;
+        Ok(PyStream::new(handle, details))
     }
 
     /// The whole answer to `prompt` as one string (same arguments as `stream`).
     #[pyo3(signature = (prompt, max_tokens=512, temperature=0.8, top_p=None, top_k=None, seed=None, repeat_penalty=1.0, repeat_last_n=64, stop=None, ignore_eos=false, raw=false))]
     #[allow(clippy::too_many_arguments)]
-    fn generate(
+    fn generate<'py>(
         &self,
-        py: Python<'_>,
-        prompt: &Bound<'_, PyAny>,
+        py: Python<'py>,
+        prompt: &Bound<'py, PyAny>,
         max_tokens: i64,
         temperature: f64,
         top_p: Option<f64>,
         top_k: Option<i64>,
-        seed: Option<&Bound<'_, PyAny>>,
+        seed: Option<Bound<'py, PyAny>>,
         repeat_penalty: f64,
         repeat_last_n: i64,
-        stop: Option<&Bound<'_, PyAny>>,
+        stop: Option<Bound<'py, PyAny>>,
         ignore_eos: bool,
         raw: bool,
     ) -> PyResult<String> {
-        let stream = self.stream(
+        self.stream(
             py,
             prompt,
             max_tokens,
@@ -259,21 +251,32 @@ impl PyPhi3 {
             ignore_eos,
             raw,
             false,
-        )?;
-        let Some(mut generation) = stream.into_generation() else {
-            return Ok(String::new());
+        )?
+        .collect(py)
+    }
+
+    /// A conversation with this model; `options` are the defaults of its turns (those of
+    /// `stream`, less `raw`).
+    #[pyo3(signature = (system=None, **options))]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        system: Option<&Bound<'_, PyAny>>,
+        options: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<PyChat> {
+        let system = match system.filter(|s| !s.is_none()) {
+            None => None,
+            Some(s) => Some(s.extract::<String>().map_err(|_| {
+                PyTypeError::new_err(format!("system must be a str, got {}", type_name(s)))
+            })?),
         };
-        let mut answer = String::new();
-        loop {
-            match next_event(py, &mut generation)? {
-                Event::Prefilled => {}
-                Event::Token(piece) => answer.push_str(&piece.text),
-                Event::Finished { text } => {
-                    answer.push_str(&text);
-                    return Ok(answer);
-                }
-            }
-        }
+        let defaults = match options {
+            Some(options) => options.copy()?,
+            None => PyDict::new(py),
+        };
+        // Checked now, so that a bad option fails here and not at the first turn.
+        StreamOptions::from_dicts(&[&defaults])?.params()?;
+        Ok(PyChat::new(self.engine.clone(), system, defaults.unbind()))
     }
 
     /// Token ids of `text` (`special`: recognise special tokens such as `<|user|>`).

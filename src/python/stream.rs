@@ -1,10 +1,15 @@
 //! The iterator `Phi3.stream()` returns, and the objects it yields.
 
+use std::time::Duration;
+
 use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
 
-use super::errors::detached;
-use crate::generate::{Event, Generation, Stats};
+use super::errors::{detached, to_py_err};
+use crate::generate::{Event, Stats, StreamHandle};
+
+/// How long a wait for the next event goes without a look for Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// One generated token (what `stream(..., details=True)` yields).
 #[pyclass(name = "Token", module = "phi3", frozen, get_all)]
@@ -32,6 +37,8 @@ impl PyToken {
 #[derive(Clone)]
 pub struct PyStats {
     pub prompt_tokens: usize,
+    /// Prompt tokens that came from the prefix pool or the chat's own cache, not evaluated.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     /// "stop" (end-of-text token or stop string), "length" (max_tokens or context full), or
     /// None while the generation runs (or if it was closed early).
@@ -45,6 +52,7 @@ impl From<&Stats> for PyStats {
     fn from(s: &Stats) -> Self {
         Self {
             prompt_tokens: s.prompt_tokens,
+            cached_tokens: s.cached_tokens,
             generated_tokens: s.generated_tokens,
             finish_reason: s.finish_reason.map(|r| r.as_str()),
             time_to_first_token_s: s.time_to_first_token_s,
@@ -58,9 +66,10 @@ impl From<&Stats> for PyStats {
 impl PyStats {
     fn __repr__(&self) -> String {
         format!(
-            "Stats(prompt_tokens={}, generated_tokens={}, finish_reason={}, \
+            "Stats(prompt_tokens={}, cached_tokens={}, generated_tokens={}, finish_reason={}, \
              time_to_first_token_s={:.4}, prefill_tokens_per_s={:.2}, decode_tokens_per_s={:.2})",
             self.prompt_tokens,
+            self.cached_tokens,
             self.generated_tokens,
             self.finish_reason
                 .map_or_else(|| "None".to_string(), |r| format!("'{r}'")),
@@ -74,33 +83,50 @@ impl PyStats {
 /// What `Phi3.stream()` returns: iterate it for `str` pieces (or `Token`s with `details=True`).
 #[pyclass(name = "Stream", module = "phi3")]
 pub struct PyStream {
-    /// `None` once finished or closed: the KV cache is freed with it.
-    generation: Option<Generation>,
+    /// `None` once finished or closed: dropping it ends the generation and frees its place.
+    handle: Option<StreamHandle>,
     details: bool,
     stats: Stats,
 }
 
 impl PyStream {
-    pub fn new(generation: Generation, details: bool) -> Self {
-        let stats = generation.stats().clone();
+    pub fn new(handle: StreamHandle, details: bool) -> Self {
+        let stats = handle.stats();
         Self {
-            generation: Some(generation),
+            handle: Some(handle),
             details,
             stats,
         }
     }
 
-    /// The generation, to drive without yielding pieces one by one.
-    pub fn into_generation(self) -> Option<Generation> {
-        self.generation
+    /// The whole answer, read without making a Python object per piece.
+    pub fn collect(mut self, py: Python<'_>) -> PyResult<String> {
+        let Some(mut handle) = self.handle.take() else {
+            return Ok(String::new());
+        };
+        let mut answer = String::new();
+        loop {
+            match next_event(py, &mut handle)? {
+                Event::Prefilled => {}
+                Event::Token(piece) => answer.push_str(&piece.text),
+                Event::Finished { text } => {
+                    answer.push_str(&text);
+                    return Ok(answer);
+                }
+            }
+        }
     }
 }
 
-/// One step of work with the GIL released, then a look for Ctrl-C.
-pub fn next_event(py: Python<'_>, generation: &mut Generation) -> PyResult<Event> {
-    let event = detached(py, || generation.step());
-    py.check_signals()?;
-    event
+/// Waits for the next event with the GIL released, looking for Ctrl-C every [`SIGNAL_POLL`].
+fn next_event(py: Python<'_>, handle: &mut StreamHandle) -> PyResult<Event> {
+    loop {
+        let event = detached(py, || Ok(handle.next_timeout(SIGNAL_POLL)))?;
+        py.check_signals()?;
+        if let Some(event) = event {
+            return event.map_err(|e| to_py_err(py, e));
+        }
+    }
 }
 
 #[pymethods]
@@ -111,16 +137,16 @@ impl PyStream {
 
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         loop {
-            let Some(generation) = self.generation.as_mut() else {
+            let Some(handle) = self.handle.as_mut() else {
                 return Ok(None);
             };
-            let event = next_event(py, generation);
-            self.stats = generation.stats().clone();
+            let event = next_event(py, handle);
+            self.stats = handle.stats();
             let event = match event {
                 Ok(event) => event,
                 Err(err) => {
                     // Interrupted or failed: the generation cannot go on; free its memory.
-                    self.generation = None;
+                    self.handle = None;
                     return Err(err);
                 }
             };
@@ -139,7 +165,7 @@ impl PyStream {
                 }
                 Event::Token(_) => continue,
                 Event::Finished { text } => {
-                    self.generation = None;
+                    self.handle = None;
                     if !self.details && !text.is_empty() {
                         return Ok(Some(text.into_py_any(py)?));
                     }
@@ -152,12 +178,21 @@ impl PyStream {
     /// Counts and speeds so far; complete once the iterator is exhausted.
     #[getter]
     fn stats(&self) -> PyStats {
-        PyStats::from(&self.stats)
+        match &self.handle {
+            Some(handle) => PyStats::from(&handle.stats()),
+            None => PyStats::from(&self.stats),
+        }
     }
 
     /// Ends the generation now and frees its memory.
-    fn close(&mut self) {
-        self.generation = None;
+    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        if let Some(handle) = self.handle.take() {
+            detached(py, || {
+                handle.close();
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -166,10 +201,11 @@ impl PyStream {
 
     fn __exit__(
         &mut self,
+        py: Python<'_>,
         _exc_type: Option<&Bound<'_, PyAny>>,
         _exc: Option<&Bound<'_, PyAny>>,
         _tb: Option<&Bound<'_, PyAny>>,
-    ) {
-        self.close();
+    ) -> PyResult<()> {
+        self.close(py)
     }
 }
