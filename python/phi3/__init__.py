@@ -18,6 +18,7 @@ from phi3._cpu import CpuInfo, CpuOverride, Level, check_baseline
 check_baseline()
 
 from phi3._core import (  # noqa: E402
+    Chat,
     ChatTemplateError,
     ContextLengthError,
     DownloadError,
@@ -40,6 +41,7 @@ if _override is not None and _override["status"] == "invalid":
 del _override
 
 __all__ = [
+    "Chat",
     "ChatTemplateError",
     "ContextLengthError",
     "CpuInfo",

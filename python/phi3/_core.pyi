@@ -3,7 +3,7 @@
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Literal, Optional, Union, overload
+from typing import Literal, Optional, Union, final, overload
 
 from phi3._cpu import CpuInfo
 
@@ -35,6 +35,7 @@ class DownloadError(Phi3Error):
 class ContextLengthError(Phi3Error, ValueError):
     """The prompt does not fit in the context; the message gives both lengths."""
 
+@final
 class Token:
     """One generated token (what ``stream(..., details=True)`` yields)."""
 
@@ -45,11 +46,15 @@ class Token:
     @property
     def logprob(self) -> float: ...
 
+@final
 class Stats:
     """Counts and speeds of one generation."""
 
     @property
     def prompt_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix pool or the chat's own cache."""
     @property
     def generated_tokens(self) -> int: ...
     @property
@@ -61,6 +66,7 @@ class Stats:
     @property
     def decode_tokens_per_s(self) -> float: ...
 
+@final
 class Stream:
     """An answer being generated: iterate it for ``str`` pieces (``Token`` with ``details=True``)."""
 
@@ -77,15 +83,60 @@ class Stream:
         tb: Optional[TracebackType],
     ) -> None: ...
 
+@final
+class Chat:
+    """A conversation with a model (``Phi3.chat()``): each turn appends the user's message and
+    the answer, and evaluates only the tokens that are new since the last turn."""
+
+    def stream(
+        self,
+        text: str,
+        *,
+        max_tokens: int = ...,
+        temperature: float = ...,
+        top_p: Optional[float] = ...,
+        top_k: Optional[int] = ...,
+        seed: Optional[int] = ...,
+        repeat_penalty: float = ...,
+        repeat_last_n: int = ...,
+        stop: Union[str, Sequence[str], None] = ...,
+        ignore_eos: bool = ...,
+        details: bool = ...,
+    ) -> Stream:
+        """Appends the user message ``text`` and streams the answer; options override the chat's."""
+    def generate(
+        self,
+        text: str,
+        *,
+        max_tokens: int = ...,
+        temperature: float = ...,
+        top_p: Optional[float] = ...,
+        top_k: Optional[int] = ...,
+        seed: Optional[int] = ...,
+        repeat_penalty: float = ...,
+        repeat_last_n: int = ...,
+        stop: Union[str, Sequence[str], None] = ...,
+        ignore_eos: bool = ...,
+    ) -> str: ...
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation so far (a fresh list on each access)."""
+    def reset(self) -> None:
+        """Forgets the turns (the system message stays) and their cache."""
+
+@final
 class Phi3:
     """A Phi-family model loaded from a GGUF file.
 
     ``model`` is a local ``.gguf`` path or a hub repository id (``"owner/name"``, then
     ``filename`` names the file); the default is Microsoft's Phi-3-mini-4k-instruct q4 file.
+    ``cache_bytes`` bounds the pool of finished generations' KV caches that later prompts
+    starting the same way reuse (default 1 GiB, 0 turns it off); ``max_batch`` is how many
+    streams share one pass over the weights (default 8; more wait for a place).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         model: Union[str, os.PathLike[str], None] = None,
         *,
         filename: Optional[str] = None,
@@ -93,7 +144,9 @@ class Phi3:
         tokenizer: Union[str, os.PathLike[str], None] = None,
         threads: Optional[int] = None,
         context_length: Optional[int] = None,
-    ) -> None: ...
+        cache_bytes: Optional[int] = None,
+        max_batch: Optional[int] = None,
+    ) -> Phi3: ...
     @overload
     def stream(
         self,
@@ -141,6 +194,22 @@ class Phi3:
         ignore_eos: bool = False,
         raw: bool = False,
     ) -> str: ...
+    def chat(
+        self,
+        system: Optional[str] = None,
+        *,
+        max_tokens: int = ...,
+        temperature: float = ...,
+        top_p: Optional[float] = ...,
+        top_k: Optional[int] = ...,
+        seed: Optional[int] = ...,
+        repeat_penalty: float = ...,
+        repeat_last_n: int = ...,
+        stop: Union[str, Sequence[str], None] = ...,
+        ignore_eos: bool = ...,
+        details: bool = ...,
+    ) -> Chat:
+        """A conversation; the options are the defaults of its turns (those of ``stream``)."""
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]: ...
     def detokenize(self, ids: Sequence[int]) -> str: ...
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str: ...

@@ -71,7 +71,7 @@ def _print_stream(stream: Stream) -> str:
 def _print_stats(stream: Stream) -> None:
     s = stream.stats
     print(
-        f"phi3: {s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.1f} tok/s, "
+        f"phi3: {s.prompt_tokens} prompt tokens ({s.cached_tokens} cached) at {s.prefill_tokens_per_s:.1f} tok/s, "
         f"{s.generated_tokens} generated at {s.decode_tokens_per_s:.1f} tok/s, "
         f"first token after {s.time_to_first_token_s:.3f} s, finish: {s.finish_reason}",
         file=sys.stderr,
@@ -79,12 +79,11 @@ def _print_stats(stream: Stream) -> None:
 
 
 def _chat(model: Phi3, args: argparse.Namespace, options: dict[str, Any]) -> None:
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    # A Chat keeps the conversation's KV cache, so each turn evaluates only the new message.
+    chat = model.chat(args.system, **options)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("phi3 chat: type a message, Ctrl-D to quit.", file=sys.stderr)
+        print("phi3 chat: type a message, Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -94,12 +93,16 @@ def _chat(model: Phi3, args: argparse.Namespace, options: dict[str, Any]) -> Non
             return
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
-        stream = model.stream(messages, **options)
-        answer = _print_stream(stream)
+        with chat.stream(line) as stream:
+            try:
+                _print_stream(stream)
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                # The chat goes on; the answer so far stays in it.
+                print("\n[stopped]", file=sys.stderr)
         if args.stats:
             _print_stats(stream)
-        messages.append({"role": "assistant", "content": answer})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
