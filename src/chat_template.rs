@@ -408,7 +408,6 @@ mod tests {
     use super::*;
     use crate::gguf::{names, GgufFile};
     use crate::test_support::peak_allocation;
-    use std::time::Instant;
 
     const BOS: &str = "<s>";
     const EOS: &str = "<|endoftext|>";
@@ -800,24 +799,19 @@ mod tests {
         ("{% import 'x' as y %}", "not supported"),
     ];
 
-    /// Each hostile template fails with `Error::ChatTemplate` in well under a second, holding
-    /// a few megabytes at most.
+    /// Each hostile template fails with `Error::ChatTemplate` from the limit that names it
+    /// (fuel, size, a refused feature), holding a few megabytes at most. The limits count work,
+    /// not time, so the test asserts no speed.
     #[test]
     fn hostile_templates_fail_quickly_and_small() {
         for (source, needle) in HOSTILE {
-            let start = Instant::now();
             let (result, peak) = peak_allocation(|| render(source, &user("hi")));
-            let elapsed = start.elapsed();
             match result {
                 Err(Error::ChatTemplate(msg)) => {
                     assert!(msg.contains(needle), "{source}: {needle:?} not in {msg:?}")
                 }
                 other => panic!("{source}: expected a chat template error, got {other:?}"),
             }
-            assert!(
-                elapsed < Duration::from_secs(2),
-                "{source} took {elapsed:?}"
-            );
             assert!(peak < 64 << 20, "{source} held {} MiB", peak >> 20);
         }
     }
