@@ -40,6 +40,15 @@ def prompt_of(case: dict[str, Any]) -> tuple[Any, bool]:
     return case["ids"], False
 
 
+def rss_mib() -> float:
+    """This process's resident memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 _models: dict[str, Phi3] = {}
 
 

@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import pytest
+from conftest import rss_mib
 from phi3 import Chat, Phi3
 
 TOPICS = ["ice hockey", "autumn rain", "a lighthouse", "snow", "the sea", "a cat", "mountains", "bread"]
@@ -109,13 +110,6 @@ def test_pool_and_batch_arguments_are_checked(haiku_path: str, argument: str) ->
 
 
 def test_the_pool_stays_within_its_bound(haiku_path: str) -> None:
-    def rss_mib() -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
-
     bound_mib = 4
     model = Phi3(haiku_path, cache_bytes=bound_mib << 20)
     model.generate("warm up", max_tokens=8)

@@ -8,18 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import fixture_path
+from conftest import fixture_path, rss_mib
 from phi3 import Phi3
 
 HOCKEY = "Write a haiku about ice hockey"
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def test_soak_300_streams_keep_rss_flat(haiku_path: str) -> None:

@@ -347,11 +347,12 @@ fn forward(
         .iter()
         .filter(|&&i| batch[i].generation.is_decoding())
         .count();
-    let mut prompt_budget = if decoding > 0 {
+    let full_budget = if decoding > 0 {
         PREFILL_CHUNK_WHILE_DECODING
     } else {
         PREFILL_CHUNK
     };
+    let mut prompt_budget = full_budget;
     let Some(engine) = runnable
         .first()
         .map(|&i| batch[i].generation.engine().clone())
@@ -390,15 +391,10 @@ fn forward(
         }
         Err(_) if members.len() > 1 => {
             drop(inputs);
-            let prompt_budget = if decoding > 0 {
-                PREFILL_CHUNK_WHILE_DECODING
-            } else {
-                PREFILL_CHUNK
-            };
             let mut failed = Vec::new();
             for &i in &members {
                 let generation = &mut batch[i].generation;
-                let Some(input) = generation.input(prompt_budget) else {
+                let Some(input) = generation.input(full_budget) else {
                     continue;
                 };
                 match engine.forward_batch(&mut [input], workspace) {

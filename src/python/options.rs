@@ -39,17 +39,24 @@ pub const CHAT_OPTIONS: [&str; 10] = [
 ];
 
 impl Default for StreamOptions<'_> {
+    /// The engine's defaults, so that they are written down once.
     fn default() -> Self {
+        let GenerationParams {
+            max_tokens,
+            sampling,
+            stop: _,
+            ignore_eos,
+        } = GenerationParams::default();
         Self {
-            max_tokens: 512,
-            temperature: 0.8,
-            top_p: None,
-            top_k: None,
+            max_tokens: max_tokens as i64,
+            temperature: f64::from(sampling.temperature),
+            top_p: sampling.top_p.map(f64::from),
+            top_k: sampling.top_k.map(|k| k as i64),
             seed: None,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
+            repeat_penalty: f64::from(sampling.repeat_penalty),
+            repeat_last_n: sampling.repeat_last_n as i64,
             stop: None,
-            ignore_eos: false,
+            ignore_eos,
             details: false,
         }
     }
