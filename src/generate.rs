@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, SeqInput};
-use crate::sampling::{log_prob, Sampler, SamplingParams};
+use crate::sampling::{LogSoftmax, Sampler, SamplingParams};
 use crate::tokenizer::DecodeStream;
 use conversation::Conversation;
 pub use prefix_pool::PrefixPool;
@@ -22,6 +22,9 @@ pub use scheduler::{Scheduler, StreamHandle};
 
 /// Prompt tokens per forward pass while prefilling.
 pub const PREFILL_CHUNK: usize = 512;
+
+/// The most alternatives a token can report (OpenAI's bound).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 #[derive(Debug, Clone)]
 pub struct GenerationParams {
@@ -31,6 +34,8 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep going past end-of-text tokens (until `max_tokens` or the context is full).
     pub ignore_eos: bool,
+    /// How many of the most likely tokens each [`Piece`] reports, with their log-probabilities.
+    pub top_logprobs: usize,
 }
 
 impl Default for GenerationParams {
@@ -40,6 +45,7 @@ impl Default for GenerationParams {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -49,6 +55,12 @@ impl GenerationParams {
         self.sampling.validate()?;
         if self.stop.iter().any(String::is_empty) {
             return Err(Error::invalid_argument("stop strings must not be empty"));
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(Error::invalid_argument(format!(
+                "top_logprobs must be in 0..={MAX_TOP_LOGPROBS}, got {}",
+                self.top_logprobs
+            )));
         }
         Ok(())
     }
@@ -89,6 +101,9 @@ pub struct Piece {
     pub id: u32,
     /// `log_softmax(logits)[id]` of the raw logits (before penalty and temperature).
     pub logprob: f32,
+    /// The `top_logprobs` most likely tokens at this step and their log-probabilities (as
+    /// `logprob`), most likely first.
+    pub top_logprobs: Vec<(u32, f32)>,
     /// The text this token completes (whole UTF-8 characters only).
     pub token_text: String,
     /// The answer text released at this step: `token_text` minus what may still turn out to
@@ -156,6 +171,17 @@ impl Generation {
         // Checked here, not only where the prompt was encoded: a scheduler pass refuses a batch
         // with a bad id in it.
         engine.check_token_ids(&prompt)?;
+        let vocab = engine.vocab_size();
+        if let Some(&(id, _)) = params
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|b| b.0 as usize >= vocab)
+        {
+            return Err(Error::invalid_argument(format!(
+                "logit_bias: token id {id} is out of range (vocabulary of {vocab})"
+            )));
+        }
         // At least the last prompt token is evaluated, for fresh logits.
         let reusable = prompt.len() - 1;
         let cache = cache
@@ -281,7 +307,9 @@ impl Generation {
         };
 
         let id = self.sampler.sample(&mut logits, &self.history);
-        let logprob = log_prob(&logits, id);
+        let softmax = LogSoftmax::of(&logits);
+        let logprob = softmax.at(&logits, id);
+        let top_logprobs = softmax.top(&logits, self.params.top_logprobs);
         let now = Instant::now();
         if self.first_token_at.is_none() {
             self.first_token_at = Some(now);
@@ -298,6 +326,7 @@ impl Generation {
         let piece = |text| Piece {
             id,
             logprob,
+            top_logprobs: top_logprobs.clone(),
             token_text: token_text.clone(),
             text,
         };

@@ -7,7 +7,8 @@ on the CPU, streamed token by token.
     ...     print(piece, end="", flush=True)
 
 The engine is written in Rust (``phi3._core``); this package re-exports it with types.
-``phi3.cpu_info()`` says which kernels it runs on this CPU, and why.
+``phi3.cpu_info()`` says which kernels it runs on this CPU, and why. ``Phi3.create_chat_completion``
+answers as OpenAI's API does; ``phi3.server`` serves that API over HTTP (the ``server`` extra).
 """
 
 import warnings
@@ -32,6 +33,7 @@ from phi3._core import (  # noqa: E402
     __version__,
     cpu_info,
 )
+from phi3._openai import InvalidRequestError  # noqa: E402
 
 # cpu_info() also fixes the kernel level for the process, so PHI3_CPU is read now, at import;
 # a value that is not a level would otherwise go unnoticed.
@@ -47,6 +49,7 @@ __all__ = [
     "CpuInfo",
     "CpuOverride",
     "DownloadError",
+    "InvalidRequestError",
     "Level",
     "ModelFileError",
     "Phi3",

@@ -1,10 +1,13 @@
 """Type stubs for phi3's native module (the Rust engine)."""
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Literal, Optional, Union, final, overload
+from typing import Any, Literal, Optional, TypedDict, Union, final, overload
 
+from typing_extensions import Unpack
+
+from phi3._aio import AsyncStream
 from phi3._cpu import CpuInfo
 
 __version__: str
@@ -16,6 +19,28 @@ def cpu_info() -> CpuInfo:
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message], Sequence[int]]
+
+class GenerateOptions(TypedDict, total=False):
+    """The keyword options of ``generate()`` (and of ``stream()``, with ``details``); the
+    defaults are in brackets."""
+
+    max_tokens: int  # [512] tokens at most in the answer
+    temperature: float  # [0.8] 0 is greedy
+    top_p: Optional[float]  # [None] keep the smallest set of tokens whose probability reaches it
+    top_k: Optional[int]  # [None] keep the k most likely tokens
+    min_p: Optional[float]  # [None] drop tokens less likely than min_p times the most likely
+    seed: Optional[int]  # [None] same seed, same answer
+    repeat_penalty: float  # [1.0] divides the logits of the last repeat_last_n tokens
+    repeat_last_n: int  # [64]
+    presence_penalty: float  # [0.0] in [-2, 2], OpenAI's: once per token already generated
+    frequency_penalty: float  # [0.0] in [-2, 2], OpenAI's: per time a token was generated
+    logit_bias: Optional[Mapping[int, float]]  # [None] added to these tokens' logits, in [-100, 100]
+    stop: Union[str, Sequence[str], None]  # [None] the answer ends before any of these
+    ignore_eos: bool  # [False] go on past end-of-text tokens
+    top_logprobs: int  # [0] alternatives each Token reports (0 to 20)
+
+class StreamOptions(GenerateOptions, total=False):
+    details: bool  # [False] yield Token objects instead of str pieces
 
 class Phi3Error(RuntimeError):
     """Base class of phi3's errors: model and runtime failures."""
@@ -45,6 +70,13 @@ class Token:
     def text(self) -> str: ...
     @property
     def logprob(self) -> float: ...
+    @property
+    def top_logprobs(self) -> list[tuple[str, float]]:
+        """The most likely tokens at this step and their log-probabilities, most likely first
+        (as many as ``top_logprobs`` asked for)."""
+    @property
+    def bytes(self) -> bytes:
+        """The token's own bytes (part of a character for a byte-fallback token)."""
 
 @final
 class Stats:
@@ -74,6 +106,9 @@ class Stream:
     def __next__(self) -> Union[str, Token]: ...
     @property
     def stats(self) -> Stats: ...
+    @property
+    def text(self) -> str:
+        """The answer so far, stop strings left out (also with ``details=True``)."""
     def close(self) -> None: ...
     def __enter__(self) -> Stream: ...
     def __exit__(
@@ -88,36 +123,12 @@ class Chat:
     """A conversation with a model (``Phi3.chat()``): each turn appends the user's message and
     the answer, and evaluates only the tokens that are new since the last turn."""
 
-    def stream(
-        self,
-        text: str,
-        *,
-        max_tokens: int = ...,
-        temperature: float = ...,
-        top_p: Optional[float] = ...,
-        top_k: Optional[int] = ...,
-        seed: Optional[int] = ...,
-        repeat_penalty: float = ...,
-        repeat_last_n: int = ...,
-        stop: Union[str, Sequence[str], None] = ...,
-        ignore_eos: bool = ...,
-        details: bool = ...,
-    ) -> Stream:
+    def stream(self, text: str, **overrides: Unpack[StreamOptions]) -> Stream:
         """Appends the user message ``text`` and streams the answer; options override the chat's."""
-    def generate(
-        self,
-        text: str,
-        *,
-        max_tokens: int = ...,
-        temperature: float = ...,
-        top_p: Optional[float] = ...,
-        top_k: Optional[int] = ...,
-        seed: Optional[int] = ...,
-        repeat_penalty: float = ...,
-        repeat_last_n: int = ...,
-        stop: Union[str, Sequence[str], None] = ...,
-        ignore_eos: bool = ...,
-    ) -> str: ...
+    def generate(self, text: str, **overrides: Unpack[GenerateOptions]) -> str: ...
+    def astream(self, text: str, **overrides: Unpack[StreamOptions]) -> AsyncStream:
+        """``stream()`` as an async iterator that never blocks the event loop."""
+    def agenerate(self, text: str, **overrides: Unpack[GenerateOptions]) -> Coroutine[Any, Any, str]: ...
     @property
     def messages(self) -> list[dict[str, str]]:
         """The conversation so far (a fresh list on each access)."""
@@ -147,68 +158,37 @@ class Phi3:
         cache_bytes: Optional[int] = None,
         max_batch: Optional[int] = None,
     ) -> Phi3: ...
+    def stream(self, prompt: Prompt, *, raw: bool = False, **options: Unpack[StreamOptions]) -> Stream:
+        """Starts generating an answer to ``prompt`` (a string, messages, or token ids); ``raw``
+        sends a string as it is, without the chat template."""
+    def generate(self, prompt: Prompt, *, raw: bool = False, **options: Unpack[GenerateOptions]) -> str:
+        """The whole answer to ``prompt`` as one string."""
+    def astream(self, prompt: Prompt, *, raw: bool = False, **options: Unpack[StreamOptions]) -> AsyncStream:
+        """``stream()`` as an async iterator: each piece is awaited in a worker thread, so the
+        event loop never blocks; cancelling the task ends the generation."""
+    def agenerate(
+        self, prompt: Prompt, *, raw: bool = False, **options: Unpack[GenerateOptions]
+    ) -> Coroutine[Any, Any, str]: ...
     @overload
-    def stream(
-        self,
-        prompt: Prompt,
-        max_tokens: int = 512,
-        temperature: float = 0.8,
-        top_p: Optional[float] = None,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        stop: Union[str, Sequence[str], None] = None,
-        ignore_eos: bool = False,
-        raw: bool = False,
-        details: Literal[False] = False,
-    ) -> Stream: ...
+    def create_chat_completion(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **fields: Any
+    ) -> Iterator[dict[str, Any]]: ...
     @overload
-    def stream(
-        self,
-        prompt: Prompt,
-        max_tokens: int = 512,
-        temperature: float = 0.8,
-        top_p: Optional[float] = None,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        stop: Union[str, Sequence[str], None] = None,
-        ignore_eos: bool = False,
-        raw: bool = False,
-        *,
-        details: Literal[True],
-    ) -> Stream: ...
-    def generate(
-        self,
-        prompt: Prompt,
-        max_tokens: int = 512,
-        temperature: float = 0.8,
-        top_p: Optional[float] = None,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        stop: Union[str, Sequence[str], None] = None,
-        ignore_eos: bool = False,
-        raw: bool = False,
-    ) -> str: ...
-    def chat(
-        self,
-        system: Optional[str] = None,
-        *,
-        max_tokens: int = ...,
-        temperature: float = ...,
-        top_p: Optional[float] = ...,
-        top_k: Optional[int] = ...,
-        seed: Optional[int] = ...,
-        repeat_penalty: float = ...,
-        repeat_last_n: int = ...,
-        stop: Union[str, Sequence[str], None] = ...,
-        ignore_eos: bool = ...,
-        details: bool = ...,
-    ) -> Chat:
+    def create_chat_completion(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **fields: Any
+    ) -> dict[str, Any]:
+        """An OpenAI chat completion, shaped as OpenAI's (and phi3's server's); with
+        ``stream=True`` an iterator of ``chat.completion.chunk`` dicts."""
+    @overload
+    def create_completion(
+        self, prompt: Union[str, Sequence[int]], *, stream: Literal[True], **fields: Any
+    ) -> Iterator[dict[str, Any]]: ...
+    @overload
+    def create_completion(
+        self, prompt: Union[str, Sequence[int]], *, stream: Literal[False] = False, **fields: Any
+    ) -> dict[str, Any]:
+        """An OpenAI (legacy) text completion of ``prompt``, without the chat template."""
+    def chat(self, system: Optional[str] = None, **options: Unpack[StreamOptions]) -> Chat:
         """A conversation; the options are the defaults of its turns (those of ``stream``)."""
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]: ...
     def detokenize(self, ids: Sequence[int]) -> str: ...
@@ -219,6 +199,15 @@ class Phi3:
     def vocab_size(self) -> int: ...
     @property
     def threads(self) -> int: ...
+    @property
+    def max_batch(self) -> int:
+        """How many streams share one pass over the weights."""
+    @property
+    def active_streams(self) -> int:
+        """Streams in the running batch now."""
+    @property
+    def queued_streams(self) -> int:
+        """Streams waiting for a place in the batch now."""
     @property
     def metadata(self) -> dict[str, Union[int, float, bool, str]]: ...
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -10,32 +11,109 @@ from typing import Any, Optional
 from phi3._core import Phi3, Phi3Error, Stream, __version__, cpu_info
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="phi3",
-        description="Run a Phi-family model from a GGUF file and stream its answer. "
-        "With no PROMPT, start an interactive chat; with '-', read the prompt from stdin.",
-    )
-    p.add_argument("prompt", nargs="?", help="the prompt ('-' reads it from stdin)")
+def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="a local .gguf file or a hub repository id (owner/name)")
     p.add_argument("--filename", help="the .gguf file within a hub repository")
     p.add_argument("--revision", help="hub revision (default: main)")
     p.add_argument("--tokenizer", help="a tokenizer.json (file or hub repository) to use instead of the GGUF's")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--context-length", type=int)
+
+
+def _sampling_flags(p: argparse.ArgumentParser, serve: bool) -> None:
+    # For the server these are defaults of the requests that do not set them, so they have none.
+    def default(value: Any) -> Any:
+        return None if serve else value
+
+    p.add_argument("--max-tokens", type=int, default=default(512))
+    p.add_argument("--temperature", type=float, default=default(0.8), help="0 is greedy")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("--repeat-penalty", type=float, default=default(1.0))
     p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phi3",
+        description="Run a Phi-family model from a GGUF file and stream its answer. "
+        "With no PROMPT, start an interactive chat; with '-', read the prompt from stdin. "
+        "'phi3 serve' runs an OpenAI-compatible server (see 'phi3 serve --help').",
+    )
+    p.add_argument("prompt", nargs="?", help="the prompt ('-' reads it from stdin)")
+    _model_flags(p)
+    _sampling_flags(p, serve=False)
+    p.add_argument("--repeat-last-n", type=int, default=64)
     p.add_argument("--system", help="a system message to start the conversation with")
     p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, no chat template")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--context-length", type=int)
     p.add_argument("--stats", action="store_true", help="print a one-line speed summary on stderr")
     p.add_argument("--version", action="store_true", help="print the version and the CPU kernels in use, then exit")
     return p
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phi3 serve",
+        description="Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+        "/v1/models, /health, /metrics). The sampling flags are defaults for requests that do not set them.",
+    )
+    _model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $PHI3_API_KEY)")
+    p.add_argument("--model-id", help="the model's name in the API (default: the file name)")
+    p.add_argument("--max-batch", type=int, help="streams that share one pass over the weights (default 8)")
+    p.add_argument("--cache-bytes", type=int, help="bound of the prefix pool in bytes (default 1 GiB)")
+    _sampling_flags(p, serve=True)
+    return p
+
+
+def _serve(argv: Sequence[str]) -> int:
+    args = _serve_parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from phi3.server import create_app
+    except ImportError:
+        print('phi3: error: the server needs its extra: pip install "phi3[server]"', file=sys.stderr)
+        return 1
+    api_key = args.api_key or os.environ.get("PHI3_API_KEY") or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"phi3: warning: serving on {args.host} without an API key: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
+    defaults = {
+        key: value
+        for key, value in dict(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            repeat_penalty=args.repeat_penalty,
+            stop=args.stop,
+        ).items()
+        if value is not None
+    }
+    try:
+        model = Phi3(
+            args.model,
+            filename=args.filename,
+            revision=args.revision,
+            tokenizer=args.tokenizer,
+            threads=args.threads,
+            context_length=args.context_length,
+            max_batch=args.max_batch,
+            cache_bytes=args.cache_bytes,
+        )
+        app = create_app(model, api_key=api_key, model_id=args.model_id, defaults=defaults)
+    except (Phi3Error, OSError, ValueError, TypeError) as e:
+        print(f"phi3: error: {e}", file=sys.stderr)
+        return 1
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def version_text() -> str:
@@ -106,6 +184,9 @@ def _chat(model: Phi3, args: argparse.Namespace, options: dict[str, Any]) -> Non
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
     args = _parser().parse_args(argv)
     if args.version:
         print(version_text())

@@ -8,7 +8,7 @@ use pyo3::types::{PyDict, PyList, PyString};
 
 use super::convert::type_name;
 use super::errors::detached;
-use super::options::StreamOptions;
+use super::options::{Caller, StreamOptions};
 use super::stream::PyStream;
 use crate::engine::Engine;
 use crate::generate::conversation::Conversation;
@@ -57,14 +57,14 @@ impl PyChat {
         let text = user_text(text)?;
         let defaults = self.defaults.bind(py);
         let dicts: Vec<&Bound<'_, PyDict>> = std::iter::once(defaults).chain(overrides).collect();
-        let options = StreamOptions::from_dicts(&dicts)?;
+        let options = StreamOptions::from_dicts(&dicts, Caller::Chat)?;
         let params = options.params()?;
         let (engine, conversation) = (&self.engine, &self.conversation);
         let handle = detached(py, || {
             let generation = conversation.turn(engine, &text, params)?;
             Ok(engine.submit(generation))
         })?;
-        Ok(PyStream::new(handle, options.details))
+        Ok(PyStream::new(handle, engine.clone(), options.details))
     }
 
     /// The whole answer to `text` as one string (same options as `stream`).
@@ -76,6 +76,31 @@ impl PyChat {
         overrides: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
         self.stream(py, text, overrides)?.collect(py)
+    }
+
+    /// `stream()` as an async iterator that never blocks the event loop.
+    #[pyo3(signature = (text, **overrides))]
+    fn astream<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyAny>,
+        overrides: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let stream = self.stream(py, text, overrides)?;
+        py.import("phi3._aio")?
+            .call_method1("AsyncStream", (stream,))
+    }
+
+    /// `generate()` as a coroutine.
+    #[pyo3(signature = (text, **overrides))]
+    fn agenerate<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyAny>,
+        overrides: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let stream = self.stream(py, text, overrides)?;
+        py.import("phi3._aio")?.call_method1("collect", (stream,))
     }
 
     /// The conversation so far: `{"role", "content"}` dicts (a fresh list on each access).

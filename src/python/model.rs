@@ -11,7 +11,7 @@ use pyo3::types::{PyDict, PyString};
 use super::chat::PyChat;
 use super::convert::{self, type_name};
 use super::errors::detached;
-use super::options::StreamOptions;
+use super::options::{Caller, StreamOptions};
 use super::stream::PyStream;
 use crate::engine::{Engine, EngineOptions};
 use crate::hub;
@@ -178,81 +178,106 @@ impl PyPhi3 {
         })
     }
 
-    /// Starts generating an answer to `prompt`; iterate the result for text pieces.
-    #[pyo3(signature = (prompt, max_tokens=512, temperature=0.8, top_p=None, top_k=None, seed=None, repeat_penalty=1.0, repeat_last_n=64, stop=None, ignore_eos=false, raw=false, details=false))]
-    #[allow(clippy::too_many_arguments)]
+    /// Starts generating an answer to `prompt`; iterate the result for text pieces. The
+    /// options are keyword arguments (see the stubs for their defaults).
+    #[pyo3(signature = (prompt, **options))]
     fn stream<'py>(
         &self,
         py: Python<'py>,
         prompt: &Bound<'py, PyAny>,
-        max_tokens: i64,
-        temperature: f64,
-        top_p: Option<f64>,
-        top_k: Option<i64>,
-        seed: Option<Bound<'py, PyAny>>,
-        repeat_penalty: f64,
-        repeat_last_n: i64,
-        stop: Option<Bound<'py, PyAny>>,
-        ignore_eos: bool,
-        raw: bool,
-        details: bool,
+        options: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<PyStream> {
-        let prompt = convert::prompt(prompt, raw)?;
-        let params = StreamOptions {
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed: seed.filter(|s| !s.is_none()),
-            repeat_penalty,
-            repeat_last_n,
-            stop: stop.filter(|s| !s.is_none()),
-            ignore_eos,
-            details,
-        }
-        .params()?;
+        let options = StreamOptions::from_dicts(options.as_slice(), Caller::Stream)?;
+        let prompt = convert::prompt(prompt, options.raw)?;
+        let params = options.params()?;
         let engine = &self.engine;
         let handle = detached(py, || {
             let generation = engine.generate(&prompt, params)?;
             Ok(engine.submit(generation))
         })?;
-        Ok(PyStream::new(handle, details))
+        Ok(PyStream::new(handle, engine.clone(), options.details))
     }
 
-    /// The whole answer to `prompt` as one string (same arguments as `stream`).
-    #[pyo3(signature = (prompt, max_tokens=512, temperature=0.8, top_p=None, top_k=None, seed=None, repeat_penalty=1.0, repeat_last_n=64, stop=None, ignore_eos=false, raw=false))]
-    #[allow(clippy::too_many_arguments)]
+    /// The whole answer to `prompt` as one string (same options as `stream`).
+    #[pyo3(signature = (prompt, **options))]
     fn generate<'py>(
         &self,
         py: Python<'py>,
         prompt: &Bound<'py, PyAny>,
-        max_tokens: i64,
-        temperature: f64,
-        top_p: Option<f64>,
-        top_k: Option<i64>,
-        seed: Option<Bound<'py, PyAny>>,
-        repeat_penalty: f64,
-        repeat_last_n: i64,
-        stop: Option<Bound<'py, PyAny>>,
-        ignore_eos: bool,
-        raw: bool,
+        options: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<String> {
-        self.stream(
-            py,
-            prompt,
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            repeat_penalty,
-            repeat_last_n,
-            stop,
-            ignore_eos,
-            raw,
-            false,
-        )?
-        .collect(py)
+        self.stream(py, prompt, options)?.collect(py)
+    }
+
+    /// `stream()` as an async iterator that waits for each piece in a worker thread, so that
+    /// the event loop never blocks (see `phi3._aio`).
+    #[pyo3(signature = (prompt, **options))]
+    fn astream<'py>(
+        &self,
+        py: Python<'py>,
+        prompt: &Bound<'py, PyAny>,
+        options: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let stream = self.stream(py, prompt, options)?;
+        py.import("phi3._aio")?
+            .call_method1("AsyncStream", (stream,))
+    }
+
+    /// `generate()` as a coroutine.
+    #[pyo3(signature = (prompt, **options))]
+    fn agenerate<'py>(
+        &self,
+        py: Python<'py>,
+        prompt: &Bound<'py, PyAny>,
+        options: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let stream = self.stream(py, prompt, options)?;
+        py.import("phi3._aio")?.call_method1("collect", (stream,))
+    }
+
+    /// An OpenAI chat completion (a dict, or an iterator of chunk dicts with `stream=True`), as
+    /// phi3's server answers it; the protocol lives in `phi3._openai`.
+    #[pyo3(signature = (messages, **fields))]
+    fn create_chat_completion<'py>(
+        slf: &Bound<'py, Self>,
+        messages: &Bound<'py, PyAny>,
+        fields: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        py.import("phi3._openai")?
+            .getattr("create_chat_completion")?
+            .call((slf, messages), fields)
+    }
+
+    /// An OpenAI (legacy) text completion of `prompt`, without the chat template.
+    #[pyo3(signature = (prompt, **fields))]
+    fn create_completion<'py>(
+        slf: &Bound<'py, Self>,
+        prompt: &Bound<'py, PyAny>,
+        fields: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        py.import("phi3._openai")?
+            .getattr("create_completion")?
+            .call((slf, prompt), fields)
+    }
+
+    /// How many streams share one pass over the weights.
+    #[getter]
+    fn max_batch(&self) -> usize {
+        self.engine.scheduler().max_batch()
+    }
+
+    /// Streams in the running batch now.
+    #[getter]
+    fn active_streams(&self) -> usize {
+        self.engine.scheduler().active()
+    }
+
+    /// Streams waiting for a place in the batch now.
+    #[getter]
+    fn queued_streams(&self) -> usize {
+        self.engine.scheduler().queued()
     }
 
     /// A conversation with this model; `options` are the defaults of its turns (those of
@@ -275,7 +300,7 @@ impl PyPhi3 {
             None => PyDict::new(py),
         };
         // Checked now, so that a bad option fails here and not at the first turn.
-        StreamOptions::from_dicts(&[&defaults])?.params()?;
+        StreamOptions::from_dicts(&[&defaults], Caller::Chat)?.params()?;
         Ok(PyChat::new(self.engine.clone(), system, defaults.unbind()))
     }
 

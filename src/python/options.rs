@@ -16,26 +16,38 @@ pub struct StreamOptions<'py> {
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
     pub seed: Option<Bound<'py, PyAny>>,
     pub repeat_penalty: f64,
     pub repeat_last_n: i64,
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
+    pub logit_bias: Option<Bound<'py, PyAny>>,
     pub stop: Option<Bound<'py, PyAny>>,
     pub ignore_eos: bool,
     pub details: bool,
+    pub top_logprobs: i64,
+    /// `stream()` only: the prompt string goes to the model as it is, without the chat template.
+    pub raw: bool,
 }
 
 /// The keyword options a `Chat` takes (`stream()`'s, less `raw`: a chat is always templated).
-pub const CHAT_OPTIONS: [&str; 10] = [
+pub const CHAT_OPTIONS: [&str; 15] = [
     "max_tokens",
     "temperature",
     "top_p",
     "top_k",
+    "min_p",
     "seed",
     "repeat_penalty",
     "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
     "stop",
     "ignore_eos",
     "details",
+    "top_logprobs",
 ];
 
 impl Default for StreamOptions<'_> {
@@ -46,20 +58,34 @@ impl Default for StreamOptions<'_> {
             sampling,
             stop: _,
             ignore_eos,
+            top_logprobs,
         } = GenerationParams::default();
         Self {
             max_tokens: max_tokens as i64,
             temperature: f64::from(sampling.temperature),
             top_p: sampling.top_p.map(f64::from),
             top_k: sampling.top_k.map(|k| k as i64),
+            min_p: sampling.min_p.map(f64::from),
             seed: None,
             repeat_penalty: f64::from(sampling.repeat_penalty),
             repeat_last_n: sampling.repeat_last_n as i64,
+            presence_penalty: f64::from(sampling.presence_penalty),
+            frequency_penalty: f64::from(sampling.frequency_penalty),
+            logit_bias: None,
             stop: None,
             ignore_eos,
             details: false,
+            top_logprobs: top_logprobs as i64,
+            raw: false,
         }
     }
+}
+
+/// Which call the options are for: a chat's turns take no `raw`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    Stream,
+    Chat,
 }
 
 fn non_negative(value: i64, name: &str) -> PyResult<usize> {
@@ -97,10 +123,32 @@ fn boolean(value: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
     })
 }
 
+/// `{token id: bias}` as (id, bias) pairs; the ids are checked against the vocabulary later.
+fn logit_bias(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<(u32, f32)>> {
+    let Some(obj) = obj else {
+        return Ok(Vec::new());
+    };
+    let dict = obj.cast::<PyDict>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "logit_bias must be a dict of token id to bias, got {}",
+            type_name(obj)
+        ))
+    })?;
+    dict.iter()
+        .map(|(id, bias)| {
+            let id = int(&id, "logit_bias keys")?;
+            let id = u32::try_from(id).map_err(|_| {
+                PyValueError::new_err(format!("logit_bias: token id {id} is out of range"))
+            })?;
+            Ok((id, float(&bias, &format!("logit_bias[{id}]"))? as f32))
+        })
+        .collect()
+}
+
 impl<'py> StreamOptions<'py> {
     /// `stream()`'s defaults overridden by each dict in turn; a key that is not an option is a
     /// `TypeError` naming it, as for a function's keyword arguments.
-    pub fn from_dicts(dicts: &[&Bound<'py, PyDict>]) -> PyResult<Self> {
+    pub fn from_dicts(dicts: &[&Bound<'py, PyDict>], caller: Caller) -> PyResult<Self> {
         let mut options = Self::default();
         for dict in dicts {
             for (key, value) in dict.iter() {
@@ -109,23 +157,34 @@ impl<'py> StreamOptions<'py> {
                     .map_err(|_| PyTypeError::new_err("keyword argument names must be strings"))?;
                 let name: String = key.extract()?;
                 let name = name.as_str();
-                let none = value.is_none();
+                let some = (!value.is_none()).then_some(&value);
                 match name {
                     "max_tokens" => options.max_tokens = int(&value, name)?,
                     "temperature" => options.temperature = float(&value, name)?,
-                    "top_p" => options.top_p = (!none).then(|| float(&value, name)).transpose()?,
-                    "top_k" => options.top_k = (!none).then(|| int(&value, name)).transpose()?,
-                    "seed" => options.seed = (!none).then_some(value),
+                    "top_p" => options.top_p = some.map(|v| float(v, name)).transpose()?,
+                    "top_k" => options.top_k = some.map(|v| int(v, name)).transpose()?,
+                    "min_p" => options.min_p = some.map(|v| float(v, name)).transpose()?,
+                    "seed" => options.seed = some.cloned(),
                     "repeat_penalty" => options.repeat_penalty = float(&value, name)?,
                     "repeat_last_n" => options.repeat_last_n = int(&value, name)?,
-                    "stop" => options.stop = (!none).then_some(value),
+                    "presence_penalty" => options.presence_penalty = float(&value, name)?,
+                    "frequency_penalty" => options.frequency_penalty = float(&value, name)?,
+                    "logit_bias" => options.logit_bias = some.cloned(),
+                    "stop" => options.stop = some.cloned(),
                     "ignore_eos" => options.ignore_eos = boolean(&value, name)?,
                     "details" => options.details = boolean(&value, name)?,
+                    "top_logprobs" => options.top_logprobs = int(&value, name)?,
+                    "raw" if caller == Caller::Stream => options.raw = boolean(&value, name)?,
                     other => {
+                        let extra = if caller == Caller::Stream {
+                            ", raw"
+                        } else {
+                            ""
+                        };
                         return Err(PyTypeError::new_err(format!(
-                            "unexpected keyword argument '{other}' (options are: {})",
+                            "unexpected keyword argument '{other}' (options are: {}{extra})",
                             CHAT_OPTIONS.join(", ")
-                        )))
+                        )));
                     }
                 }
             }
@@ -152,12 +211,17 @@ impl<'py> StreamOptions<'py> {
                 temperature: self.temperature as f32,
                 top_p: self.top_p.map(|p| p as f32),
                 top_k: self.top_k.map(|k| non_negative(k, "top_k")).transpose()?,
+                min_p: self.min_p.map(|p| p as f32),
                 seed,
                 repeat_penalty: self.repeat_penalty as f32,
                 repeat_last_n: non_negative(self.repeat_last_n, "repeat_last_n")?,
+                presence_penalty: self.presence_penalty as f32,
+                frequency_penalty: self.frequency_penalty as f32,
+                logit_bias: logit_bias(self.logit_bias.as_ref())?,
             },
             stop: convert::stop_strings(self.stop.as_ref())?,
             ignore_eos: self.ignore_eos,
+            top_logprobs: non_negative(self.top_logprobs, "top_logprobs")?,
         };
         params
             .validate()

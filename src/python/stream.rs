@@ -1,29 +1,64 @@
 //! The iterator `Phi3.stream()` returns, and the objects it yields.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use pyo3::IntoPyObjectExt;
 
 use super::errors::{detached, to_py_err};
-use crate::generate::{Event, Stats, StreamHandle};
+use crate::engine::Engine;
+use crate::generate::{Event, Piece, Stats, StreamHandle};
 
 /// How long a wait for the next event goes without a look for Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// One generated token (what `stream(..., details=True)` yields).
-#[pyclass(name = "Token", module = "phi3", frozen, get_all)]
+#[pyclass(name = "Token", module = "phi3", frozen)]
 pub struct PyToken {
     /// Token id.
+    #[pyo3(get)]
     pub id: u32,
     /// The text this token completes (whole characters; may be empty mid-character).
+    #[pyo3(get)]
     pub text: String,
     /// Log-softmax of the raw logits at `id`.
+    #[pyo3(get)]
     pub logprob: f32,
+    /// The most likely tokens at this step, most likely first: (text, logprob) pairs, as many
+    /// as `top_logprobs` asked for.
+    #[pyo3(get)]
+    pub top_logprobs: Vec<(String, f32)>,
+    raw_bytes: Vec<u8>,
+}
+
+impl PyToken {
+    fn new(piece: Piece, engine: &Engine) -> Self {
+        let tokenizer = engine.tokenizer();
+        let bytes_of = |id| tokenizer.token_bytes(id).unwrap_or_default();
+        Self {
+            id: piece.id,
+            raw_bytes: bytes_of(piece.id).to_vec(),
+            top_logprobs: piece
+                .top_logprobs
+                .iter()
+                .map(|&(id, lp)| (String::from_utf8_lossy(bytes_of(id)).into_owned(), lp))
+                .collect(),
+            text: piece.token_text,
+            logprob: piece.logprob,
+        }
+    }
 }
 
 #[pymethods]
 impl PyToken {
+    /// The token's own bytes (part of a character for a byte-fallback token).
+    #[getter]
+    fn bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.raw_bytes)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Token(id={}, text={:?}, logprob={:.5})",
@@ -85,17 +120,22 @@ impl PyStats {
 pub struct PyStream {
     /// `None` once finished or closed: dropping it ends the generation and frees its place.
     handle: Option<StreamHandle>,
+    engine: Arc<Engine>,
     details: bool,
     stats: Stats,
+    /// The answer released so far (with `details`, the tokens' texts less stop strings).
+    text: String,
 }
 
 impl PyStream {
-    pub fn new(handle: StreamHandle, details: bool) -> Self {
+    pub fn new(handle: StreamHandle, engine: Arc<Engine>, details: bool) -> Self {
         let stats = handle.stats();
         Self {
             handle: Some(handle),
+            engine,
             details,
             stats,
+            text: String::new(),
         }
     }
 
@@ -153,19 +193,18 @@ impl PyStream {
             match event {
                 Event::Prefilled => continue,
                 Event::Token(piece) if self.details => {
-                    let token = PyToken {
-                        id: piece.id,
-                        text: piece.token_text,
-                        logprob: piece.logprob,
-                    };
+                    self.text.push_str(&piece.text);
+                    let token = PyToken::new(piece, &self.engine);
                     return Ok(Some(token.into_py_any(py)?));
                 }
                 Event::Token(piece) if !piece.text.is_empty() => {
+                    self.text.push_str(&piece.text);
                     return Ok(Some(piece.text.into_py_any(py)?));
                 }
                 Event::Token(_) => continue,
                 Event::Finished { text } => {
                     self.handle = None;
+                    self.text.push_str(&text);
                     if !self.details && !text.is_empty() {
                         return Ok(Some(text.into_py_any(py)?));
                     }
@@ -173,6 +212,13 @@ impl PyStream {
                 }
             }
         }
+    }
+
+    /// The answer so far: every piece released, stop strings left out (also with `details`,
+    /// where the tokens' own texts include them).
+    #[getter]
+    fn text(&self) -> &str {
+        &self.text
     }
 
     /// Counts and speeds so far; complete once the iterator is exhausted.
