@@ -109,7 +109,9 @@ def _logit_bias(fields: Mapping[str, Any], vocab_size: int) -> Optional[dict[int
         raise InvalidRequestError(f"logit_bias must be an object, got {_type_name(value)}", "logit_bias")
     bias: dict[int, float] = {}
     for key, amount in value.items():
-        token = int(key) if isinstance(key, int) or (isinstance(key, str) and key.isdigit()) else -1
+        # JSON keys are strings of ASCII digits (a short one: int() of a long one is slow).
+        is_id = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10
+        token = key if isinstance(key, int) and not isinstance(key, bool) else int(key) if is_id else -1
         if not 0 <= token < vocab_size:
             raise InvalidRequestError(
                 f"logit_bias: {key!r} is not a token id (the vocabulary has {vocab_size})", "logit_bias"

@@ -208,7 +208,7 @@ impl StreamHandle {
     }
 
     /// The next event, waiting as long as it takes.
-    pub fn next(&mut self) -> Result<Event> {
+    pub fn wait_next(&mut self) -> Result<Event> {
         loop {
             if let Some(event) = self.next_timeout(Duration::from_secs(3600)) {
                 return event;
@@ -461,7 +461,7 @@ mod tests {
     fn drain(handle: &mut StreamHandle) -> Vec<u32> {
         let mut ids = Vec::new();
         loop {
-            match handle.next().unwrap() {
+            match handle.wait_next().unwrap() {
                 Event::Token(piece) => ids.push(piece.id),
                 Event::Finished { .. } => return ids,
                 Event::Prefilled => unreachable!("prefill events stay on the scheduler"),
@@ -486,7 +486,7 @@ mod tests {
         let mut got: Vec<Vec<u32>> = vec![Vec::new(); TOPICS.len()];
         for (handle, ids) in handles.iter_mut().zip(got.iter_mut()) {
             for _ in 0..3 {
-                if let Event::Token(piece) = handle.next().unwrap() {
+                if let Event::Token(piece) = handle.wait_next().unwrap() {
                     ids.push(piece.id);
                 }
             }

@@ -84,15 +84,15 @@ const _: () = {
 /// # Safety
 /// Implement only for such types.
 pub unsafe trait Pod: Copy + Send + Sync + 'static {}
-// SAFETY: integers, f16 and f32 accept every bit pattern; the structs are repr(C) over them with
-// no padding (their sizes, asserted above, are the sums of their fields).
-unsafe impl Pod for BlockQ4K {}
-unsafe impl Pod for BlockQ5K {}
-unsafe impl Pod for BlockQ6K {}
-unsafe impl Pod for BlockQ8_0 {}
-unsafe impl Pod for BlockQ4_0 {}
-unsafe impl Pod for f16 {}
-unsafe impl Pod for f32 {}
+/// Integers, f16 and f32 accept every bit pattern; the block structs are repr(C) over them with
+/// no padding (their sizes, asserted above, are the sums of their fields).
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: see the macro's comment.
+        unsafe impl Pod for $t {}
+    )*};
+}
+pod!(BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ4_0, f16, f32);
 
 /// Views `bytes` as a slice of `T`. Errors (never panics) when the length is not a multiple of
 /// `T`'s size or the address not a multiple of its alignment (2 for the blocks and f16, 4 for

@@ -36,9 +36,9 @@ pub const TILE_ROWS: usize = 32;
 /// Activation rows the gemv-based kernels take per weight block.
 pub const GROUP: usize = 4;
 
-/// The fewest activation rows worth repacking the weights for (AVX-512): below this, gemv row by
-/// row is faster (measured on Phi-3-mini's Q4_K, Q6_K and Q8_0 matrices).
-const PACKED_MIN_ROWS: usize = 4;
+/// The fewest activation rows worth repacking the weights for (AVX-512): below this, gemv's
+/// kernel on each weight row for every activation row is faster (measured on Phi-3-mini's Q4_K, Q6_K and Q8_0 matrices).
+pub(super) const PACKED_MIN_ROWS: usize = 4;
 
 /// `out[i * rows + r] = dot(row r of W, row i of x)` for `i in 0..n`, `r in 0..rows`, at
 /// [`level`].
@@ -96,14 +96,9 @@ pub fn gemm_at(
         out.fill(0.0);
         return Ok(());
     }
-    // One activation row is gemv's job; with AVX-512 so are a few more, as the kernels there
-    // repack every weight row first, which costs about as much as 3 gemv calls.
-    let packs = level == CpuLevel::Avx512Vnni && dtype.block_size() > 1;
-    if n < if packs { PACKED_MIN_ROWS } else { 2 } {
-        for (x, out) in x.chunks(cols).zip(out.chunks_mut(rows)) {
-            gemv_at(level, dtype, weights, rows, cols, x, out)?;
-        }
-        return Ok(());
+    // One activation row is gemv's job.
+    if n == 1 {
+        return gemv_at(level, dtype, weights, rows, cols, x, out);
     }
 
     let out = SharedOut::new(out, rows, n);
@@ -113,9 +108,25 @@ pub fn gemm_at(
         ($block:ty, $quantize:ident, $dot:ident, $rows_dot:ident, $kind:ident, $v:literal) => {{
             let w = cast_slice::<$block>(weights, "weights")?;
             match level {
+                // A few rows (decoding streams): gemv's kernel on each weight row for each
+                // activation row, the weight row read from memory once. Repacking the weights
+                // for the panel kernel costs about as much as 3 gemv calls.
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `level <= hardware_level()` (checked above), so the CPU has AVX-512
-                // F/BW/VL/VNNI.
+                CpuLevel::Avx512Vnni if n < PACKED_MIN_ROWS => {
+                    let y = quantize_rows(x, cols, $quantize);
+                    groups_par(
+                        w,
+                        bpr,
+                        &y,
+                        n,
+                        &out,
+                        // SAFETY: `level <= hardware_level()` (checked above), so the CPU has
+                        // AVX-512 F/BW/VL/VNNI.
+                        pairwise(|w, y| unsafe { x86::avx512::$dot(w, y) }),
+                    )
+                }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
                 CpuLevel::Avx512Vnni => unsafe {
                     x86::avx512_gemm::gemm::<x86::avx512_gemm::$kind, $v>(w, bpr, x, cols, n, &out)
                 },
@@ -139,24 +150,24 @@ pub fn gemm_at(
             let w = cast_slice::<$elem>(weights, "weights")?;
             match level {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `level <= hardware_level()` (checked above), so the CPU has every
-                // feature the kernel is compiled for.
                 CpuLevel::Avx512Vnni => groups_par(
                     w,
                     cols,
                     x,
                     n,
                     &out,
+                    // SAFETY: `level <= hardware_level()` (checked above), so the CPU has every
+                    // feature the kernel is compiled for.
                     pairwise(|w, x| unsafe { x86::avx512::$dot(w, x) }),
                 ),
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
                 CpuLevel::Avx2 => groups_par(
                     w,
                     cols,
                     x,
                     n,
                     &out,
+                    // SAFETY: as above.
                     pairwise(|w, x| unsafe { x86::avx2::$dot(w, x) }),
                 ),
                 _ => groups_par(w, cols, x, n, &out, pairwise(reference::$dot)),

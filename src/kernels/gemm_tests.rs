@@ -50,8 +50,10 @@ fn gemv_rows(
 }
 
 /// Whether gemm runs gemv's own kernels at `level`, and so must agree bit for bit.
-fn same_kernels(level: CpuLevel, dtype: GgmlDType) -> bool {
-    level < CpuLevel::Avx512Vnni || matches!(dtype, GgmlDType::F16 | GgmlDType::F32)
+fn same_kernels(level: CpuLevel, dtype: GgmlDType, n: usize) -> bool {
+    level < CpuLevel::Avx512Vnni
+        || matches!(dtype, GgmlDType::F16 | GgmlDType::F32)
+        || n < super::gemm::PACKED_MIN_ROWS
 }
 
 fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
@@ -70,7 +72,7 @@ fn check(dtype: GgmlDType, w: &[u8], rows: usize, x: &[f32], n: usize) {
         let want = gemv_rows(level, dtype, w, rows, x, n);
         let got = gemm_vec(level, dtype, w, rows, x, n);
         let what = format!("{dtype:?} {level} rows {rows} cols {} n {n}", x.len() / n);
-        if same_kernels(level, dtype) {
+        if same_kernels(level, dtype, n) {
             assert_bits_eq(&what, &got, &want);
         } else {
             for (i, (g, w)) in got.chunks(rows).zip(want.chunks(rows)).enumerate() {
@@ -345,16 +347,17 @@ fn gemm_argument_errors() {
     gemm(q4k, w, 4, 256, &x, 3, &mut out).unwrap();
 }
 
-/// Prefill speed on Phi-3-mini's matrices: for n = 512 activation rows on 2 threads, per level,
-/// the time and GOPS of each layer matrix for gemm and for gemv row by row (timed on 64 rows and
-/// scaled), and the tokens/s of 32 layers of the four; then the same for candle's `QMatMul`
+/// Prefill speed on Phi-3-mini's matrices: for n = 512 activation rows (or `GEMM_TIMING_N`) on 2 threads, per level,
+/// the time and GOPS of each layer matrix for gemm and for gemv row by row (timed on at most 64
+/// rows and scaled), and the tokens/s of 32 layers of the four; then the same for candle's `QMatMul`
 /// (today's prefill; its own thread pool, one thread per core). Random blocks (valid scales).
 /// Run in release: `cargo test --release --lib kernels::gemm_tests::gemm_timing -- --ignored
 /// --nocapture`.
 #[test]
 #[ignore]
 fn gemm_timing() {
-    let n = 512;
+    // GEMM_TIMING_N: the activation rows (decoding streams' batches are a few).
+    let n = std::env::var("GEMM_TIMING_N").map_or(512, |v| v.parse().unwrap());
     let layers = 32.0;
     let mats = [
         ("qkv", GgmlDType::Q4K, 9216, 3072),
@@ -383,7 +386,7 @@ fn gemm_timing() {
             })
             .fold(f64::MAX, f64::min)
     };
-    println!("n = {n}, 2 threads; best of 3 (gemv: of 2, on 64 rows, scaled to {n})");
+    println!("n = {n}, 2 threads; best of 3 (gemv: of 2, on at most 64 rows, scaled to {n})");
     for level in levels().into_iter().filter(|&l| l > CpuLevel::Scalar) {
         let (mut sum_gemm, mut sum_gemv) = (0.0, 0.0);
         for ((name, dtype, rows, cols), (w, x)) in mats.iter().zip(&data) {
@@ -397,7 +400,7 @@ fn gemm_timing() {
                     gemv_at(level, *dtype, w, rows, cols, x, out).unwrap();
                 }
             }) * n as f64
-                / 64.0;
+                / n.min(64) as f64;
             let gops = |t: f64| 2.0 * (rows * cols * n) as f64 / t / 1e9;
             println!(
                 "{level:>10} {name:>11} {dtype:?} {rows}x{cols}: gemm {:7.1} ms {:6.1} GOPS | \

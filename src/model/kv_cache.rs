@@ -121,7 +121,7 @@ impl KvCache {
                 context_length: self.max_len,
             });
         };
-        if extra > 0 && self.len % BLOCK_POSITIONS != 0 {
+        if extra > 0 && !self.len.is_multiple_of(BLOCK_POSITIONS) {
             let last = self.blocks.last_mut().expect("a partly filled block");
             Arc::make_mut(last);
         }
