@@ -52,8 +52,11 @@ class AsyncStream:
             if self._closing:
                 raise StopAsyncIteration
             self._reading = True
+        read = asyncio.get_running_loop().run_in_executor(_pool, self._read)
         try:
-            piece = await asyncio.get_running_loop().run_in_executor(_pool, self._read)
+            # Shielded: cancelling the task must not cancel a read not yet started, which would
+            # then never run, never see `_closing`, and leave the stream open.
+            piece = await asyncio.shield(read)
         except asyncio.CancelledError:
             self.close_soon()
             raise

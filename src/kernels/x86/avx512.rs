@@ -14,7 +14,7 @@ use crate::kernels::blocks::*;
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn load512<T>(p: &[T], at: usize) -> __m512i {
+pub(super) fn load512<T>(p: &[T], at: usize) -> __m512i {
     assert!((at + 64 / size_of::<T>()) <= p.len());
     // SAFETY: 64 bytes from `at` lie within `p` (asserted).
     unsafe { _mm512_loadu_si512(p.as_ptr().add(at).cast()) }
@@ -35,20 +35,20 @@ const fn pack_index(sub: [[i16; 2]; 4]) -> [i16; 32] {
 
 /// Q4_K/Q5_K, 128 values `128p..`: dp0 holds chunk j = 2p (sub-blocks 4p in 128-bit lanes 0-1,
 /// 4p+1 in lanes 2-3), dp1 chunk 2p+1 (4p+2, 4p+3).
-const K4_IDX: [[i16; 32]; 2] = [
+pub(super) const K4_IDX: [[i16; 32]; 2] = [
     pack_index([[0, 2], [0, 2], [1, 3], [1, 3]]),
     pack_index([[4, 6], [4, 6], [5, 7], [5, 7]]),
 ];
 
 /// Q6_K, 128 values `128n..`: 128-bit lane k of dp0 is sub-block 8n+k, of dp1 8n+4+k.
-const Q6_IDX: [[i16; 32]; 2] = [
+pub(super) const Q6_IDX: [[i16; 32]; 2] = [
     pack_index([[0, 4], [1, 5], [2, 6], [3, 7]]),
     pack_index([[8, 12], [9, 13], [10, 14], [11, 15]]),
 ];
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn idx(i: &[i16; 32]) -> __m512i {
+pub(super) fn idx(i: &[i16; 32]) -> __m512i {
     load512(i, 0)
 }
 
@@ -56,7 +56,7 @@ fn idx(i: &[i16; 32]) -> __m512i {
 /// `v(j)` gives the 64 unsigned values of chunk j (pairing with activations `64j..64j+64`).
 #[inline]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn k4_scaled_sum(
+pub(super) fn k4_scaled_sum(
     scales: __m512i,
     a: &BlockQ8K,
     index: &[__m512i; 2],
@@ -80,7 +80,7 @@ fn k4_scaled_sum(
 /// Nibbles of 32 bytes: low ones in the lower 256 bits, high ones in the upper.
 #[inline]
 #[target_feature(enable = "avx2,avx512f")]
-fn nibbles(q: __m256i) -> __m512i {
+pub(super) fn nibbles(q: __m256i) -> __m512i {
     let m4 = _mm256_set1_epi8(0x0F);
     let lo = _mm256_and_si256(q, m4);
     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);

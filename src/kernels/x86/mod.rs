@@ -5,6 +5,7 @@ pub mod avx2;
 pub mod avx2_gemm;
 pub mod avx512;
 pub mod avx512_gemm;
+pub mod avx512_rows;
 
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
