@@ -169,6 +169,7 @@ impl ChatTemplate {
         Self::new(PHI3_TEMPLATE, bos_token, eos_token).expect("the built-in template compiles")
     }
 
+    #[cfg(test)]
     pub fn source(&self) -> &str {
         &self.source
     }

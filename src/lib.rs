@@ -4,21 +4,22 @@
 //! tokenizer (`tokenizer`), its tensors a model (`model`), whose logits are sampled (`sampling`)
 //! in the generation loop (`generate`). `hub` fetches files; `python` is the PyO3 binding.
 
-pub mod chat_template;
+pub(crate) mod chat_template;
 pub mod engine;
 pub mod error;
 pub mod generate;
-pub mod gguf;
+pub(crate) mod gguf;
 pub mod hub;
-pub mod kernels;
-pub mod model;
-pub mod sampling;
-pub mod tokenizer;
+pub(crate) mod kernels;
+pub(crate) mod model;
+pub(crate) mod sampling;
+pub(crate) mod tokenizer;
 
 #[cfg(feature = "python")]
 mod python;
 
 pub use error::{Error, Result};
+pub use kernels::cpu_info::{cpu_info, CpuInfo, Override, OverrideStatus};
 
 #[cfg(test)]
 mod test_support;

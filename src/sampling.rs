@@ -261,6 +261,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// `log_softmax(logits)[id]`, computed in f64.
+#[cfg(test)]
 pub fn log_prob(logits: &[f32], id: u32) -> f32 {
     LogSoftmax::of(logits).at(logits, id)
 }

@@ -133,8 +133,8 @@ impl PrefixPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kv_cache::KvShape;
     use crate::model::kv_cache::BLOCK_POSITIONS;
-    use crate::model::KvShape;
 
     const SHAPE: KvShape = KvShape {
         layers: 1,

@@ -97,10 +97,6 @@ impl Metadata {
         self.entries.get(key)
     }
 
-    pub fn contains(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
         self.entries.iter()
     }

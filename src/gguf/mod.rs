@@ -6,7 +6,7 @@ pub mod names;
 pub mod reader;
 
 pub use metadata::{Metadata, Value};
-pub use reader::{parse, GgufFile, GgufHeader, TensorInfo};
+pub use reader::{GgufFile, TensorInfo};
 
 #[cfg(test)]
 mod tests;

@@ -37,9 +37,9 @@ pub mod tokenizer {
     pub const BOS_ID: &str = "tokenizer.ggml.bos_token_id";
     pub const EOS_ID: &str = "tokenizer.ggml.eos_token_id";
     pub const UNK_ID: &str = "tokenizer.ggml.unknown_token_id";
+    #[cfg(test)]
     pub const PAD_ID: &str = "tokenizer.ggml.padding_token_id";
     pub const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
-    pub const ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
     pub const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
     pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 }

@@ -47,7 +47,6 @@ pub struct TensorInfo {
 /// Everything before the tensor data, parsed and validated.
 #[derive(Debug, Clone)]
 pub struct GgufHeader {
-    pub version: u32,
     pub metadata: Metadata,
     pub tensors: Vec<TensorInfo>,
 }
@@ -105,10 +104,6 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn version(&self) -> u32 {
-        self.header.version
     }
 
     pub fn metadata(&self) -> &Metadata {
@@ -251,11 +246,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
             }
         }
     }
-    Ok(GgufHeader {
-        version,
-        metadata,
-        tensors,
-    })
+    Ok(GgufHeader { metadata, tensors })
 }
 
 /// Maps ggml's type ids to the types candle can compute with.

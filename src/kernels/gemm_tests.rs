@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 
 #[cfg(target_arch = "x86_64")]
 use super::blocks::{quantize_q8_0, quantize_q8k, QK8_0, QK_K};
+use super::gemm::gemm_at;
 use super::tests::{
     assert_close_to_reference, levels, quantized, randn, random_blocks, Aligned, K_TYPES,
     SMALL_TYPES,

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use blocks::*;
-pub use gemm::{gemm, gemm_at};
+pub use gemm::gemm;
 
 /// Rows per rayon task.
 pub const ROWS_PER_TASK: usize = 32;
@@ -139,7 +139,9 @@ pub const SUPPORTED: [GgmlDType; 7] = [
 /// `out[r] = dot(row r of W, x)` for `r in 0..rows`, at [`level`].
 ///
 /// `weights`: the raw GGUF bytes of a `(rows, cols)` matrix of `dtype` (ggml dims `[cols, rows]`),
-/// aligned to 2 bytes (4 for F32; GGUF data always is).
+/// aligned to 2 bytes (4 for F32; GGUF data always is). (The model calls [`gemm`], which takes
+/// this path for one row.)
+#[cfg(test)]
 pub fn gemv(
     dtype: GgmlDType,
     weights: &[u8],

@@ -8,6 +8,5 @@ pub mod phi3;
 pub mod rope;
 pub mod weights;
 
-pub use config::Config;
-pub use kv_cache::{KvCache, KvShape};
+pub use kv_cache::KvCache;
 pub use phi3::{Phi3Model, SeqInput, Workspace};
