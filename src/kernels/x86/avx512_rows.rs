@@ -130,6 +130,49 @@ fn q6k<const R: usize>(w: &[BlockQ6K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
     }
 }
 
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn dot_q5k_rows(w: &[BlockQ5K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
+    by_rows!(q5k, w, ys, out)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q5k<const R: usize>(w: &[BlockQ5K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
+    let ys = rows::<_, R>(ys, out, w.len());
+    let index = [idx(&K4_IDX[0]), idx(&K4_IDX[1])];
+    let m1 = _mm512_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc_m = [_mm_setzero_ps(); R];
+    for (k, b) in w.iter().enumerate() {
+        prefetch_ahead(b);
+        let (d_w, dmin_w) = (b.d.to_f32(), b.dmin.to_f32());
+        let (sc, mn) = unpack_scales_k4(&b.scales);
+        let sc =
+            _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(sc))));
+        // As gemv's: the fifth bits from qh, chunk by chunk.
+        let qh = load256(&b.qh, 0);
+        let mut hb =
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<1>(qh));
+        let values: [__m512i; 4] = std::array::from_fn(|j| {
+            let h = _mm512_slli_epi16::<4>(_mm512_and_si512(hb, m1));
+            hb = _mm512_srli_epi16::<2>(hb);
+            _mm512_or_si512(nibbles(load256(&b.qs, 32 * j)), h)
+        });
+        for r in 0..R {
+            let a = &ys[r][k];
+            let d = a.d * d_w;
+            let dmin = -a.d * dmin_w;
+            let prod = mins_dot_bsums(&mn, a);
+            acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[r]);
+            let sumi = k4_scaled_sum(sc, a, &index, |j| values[j]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[r]);
+        }
+    }
+    for r in 0..R {
+        out[r] = hsum_ps(acc[r]) + hsum_ps128(acc_m[r]);
+    }
+}
+
 /// gemv's kernel once per activation row: for the types without a kernel above.
 macro_rules! per_row {
     ($name:ident, $block:ty, $act:ty, $dot:ident) => {
@@ -141,6 +184,5 @@ macro_rules! per_row {
         }
     };
 }
-per_row!(dot_q5k_rows, BlockQ5K, BlockQ8K, dot_q5k);
 per_row!(dot_q8_0_rows, BlockQ8_0, BlockQ8_0, dot_q8_0);
 per_row!(dot_q4_0_rows, BlockQ4_0, BlockQ8_0, dot_q4_0);
