@@ -1,9 +1,9 @@
 //! AVX2 + FMA kernels for [`gemm`](crate::kernels::gemm()): gemv's AVX2 kernels (`avx2.rs`) with
-//! the weight block unpacked once and used for up to [`GROUP`] activation rows. Each row's integer
+//! the weight block unpacked once and used for up to [`GROUP`](crate::kernels::gemm::GROUP) activation rows. Each row's integer
 //! and float operations are exactly gemv's, in the same order, so every output is bit for bit
 //! gemv's.
 //!
-//! `fn(w, ys, out)`: `out[i] = dot(w, ys[i])` for 1 to [`GROUP`] activation rows.
+//! `fn(w, ys, out)`: `out[i] = dot(w, ys[i])` for 1 to [`GROUP`](crate::kernels::gemm::GROUP) activation rows.
 
 use std::arch::x86_64::*;
 
@@ -12,32 +12,8 @@ use half::f16;
 use super::avx2::{
     hsum_ps, hsum_ps128, k4_block_dot, load256, q4_0_values, q4k_values, q5k_values, q6k_offset,
 };
+use super::rows;
 use crate::kernels::blocks::*;
-use crate::kernels::gemm::GROUP;
-
-/// Calls `$kernel::<R>` for `R = $ys.len()` (1 to 4).
-macro_rules! by_rows {
-    ($kernel:ident, $w:expr, $ys:expr, $out:expr) => {
-        match $ys.len() {
-            1 => $kernel::<1>($w, $ys, $out),
-            2 => $kernel::<2>($w, $ys, $out),
-            3 => $kernel::<3>($w, $ys, $out),
-            4 => $kernel::<4>($w, $ys, $out),
-            r => panic!("{r} activation rows: 1 to 4 expected"),
-        }
-    };
-}
-const _: () = assert!(GROUP == 4, "by_rows! covers 1 to 4 rows");
-
-/// The first `R` rows of `ys`, and `out` checked to have room for them.
-#[inline]
-fn rows<'a, Y, const R: usize>(ys: &[&'a [Y]], out: &[f32], blocks: usize) -> [&'a [Y]; R] {
-    assert!(ys.len() == R && out.len() == R);
-    std::array::from_fn(|i| {
-        assert_eq!(ys[i].len(), blocks);
-        ys[i]
-    })
-}
 
 #[target_feature(enable = "avx2,fma")]
 pub fn dot_q4k_rows(w: &[BlockQ4K], ys: &[&[BlockQ8K]], out: &mut [f32]) {

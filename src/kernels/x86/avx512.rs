@@ -14,7 +14,7 @@ use crate::kernels::blocks::*;
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(super) fn load512<T>(p: &[T], at: usize) -> __m512i {
+fn load512<T>(p: &[T], at: usize) -> __m512i {
     assert!((at + 64 / size_of::<T>()) <= p.len());
     // SAFETY: 64 bytes from `at` lie within `p` (asserted).
     unsafe { _mm512_loadu_si512(p.as_ptr().add(at).cast()) }
@@ -35,20 +35,20 @@ const fn pack_index(sub: [[i16; 2]; 4]) -> [i16; 32] {
 
 /// Q4_K/Q5_K, 128 values `128p..`: dp0 holds chunk j = 2p (sub-blocks 4p in 128-bit lanes 0-1,
 /// 4p+1 in lanes 2-3), dp1 chunk 2p+1 (4p+2, 4p+3).
-pub(super) const K4_IDX: [[i16; 32]; 2] = [
+const K4_IDX: [[i16; 32]; 2] = [
     pack_index([[0, 2], [0, 2], [1, 3], [1, 3]]),
     pack_index([[4, 6], [4, 6], [5, 7], [5, 7]]),
 ];
 
 /// Q6_K, 128 values `128n..`: 128-bit lane k of dp0 is sub-block 8n+k, of dp1 8n+4+k.
-pub(super) const Q6_IDX: [[i16; 32]; 2] = [
+const Q6_IDX: [[i16; 32]; 2] = [
     pack_index([[0, 4], [1, 5], [2, 6], [3, 7]]),
     pack_index([[8, 12], [9, 13], [10, 14], [11, 15]]),
 ];
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(super) fn idx(i: &[i16; 32]) -> __m512i {
+fn idx(i: &[i16; 32]) -> __m512i {
     load512(i, 0)
 }
 
@@ -56,7 +56,7 @@ pub(super) fn idx(i: &[i16; 32]) -> __m512i {
 /// `v(j)` gives the 64 unsigned values of chunk j (pairing with activations `64j..64j+64`).
 #[inline]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(super) fn k4_scaled_sum(
+fn k4_scaled_sum(
     scales: __m512i,
     a: &BlockQ8K,
     index: &[__m512i; 2],
@@ -80,99 +80,185 @@ pub(super) fn k4_scaled_sum(
 /// Nibbles of 32 bytes: low ones in the lower 256 bits, high ones in the upper.
 #[inline]
 #[target_feature(enable = "avx2,avx512f")]
-pub(super) fn nibbles(q: __m256i) -> __m512i {
+fn nibbles(q: __m256i) -> __m512i {
     let m4 = _mm256_set1_epi8(0x0F);
     let lo = _mm256_and_si256(q, m4);
     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
 }
 
+/// A Q4_K or Q5_K block unpacked for [`k4_block_dot`]: its 256 unsigned values, 64 a vector
+/// (vector j pairs with activations `64j..64j+64`), its sub-block scales as `k4_scaled_sum` takes
+/// them, its mins, and its `d` and `dmin`.
+pub(super) struct K4Block {
+    values: [__m512i; 4],
+    scales: __m512i,
+    mins: [u8; 8],
+    d: f32,
+    dmin: f32,
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f")]
+fn k4_block(d: f16, dmin: f16, scales: &[u8; 12], values: [__m512i; 4]) -> K4Block {
+    let (sc, mins) = unpack_scales_k4(scales);
+    let scales =
+        _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(sc))));
+    K4Block {
+        values,
+        scales,
+        mins,
+        d: d.to_f32(),
+        dmin: dmin.to_f32(),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f")]
+pub(super) fn q4k_block(b: &BlockQ4K) -> K4Block {
+    let values = std::array::from_fn(|j| nibbles(load256(&b.qs, 32 * j)));
+    k4_block(b.d, b.dmin, &b.scales, values)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw")]
+pub(super) fn q5k_block(b: &BlockQ5K) -> K4Block {
+    let m1 = _mm512_set1_epi8(1);
+    // Lower half: bit 2j of qh (high bits of the low nibbles of chunk j); upper half: bit
+    // 2j+1. Each chunk shifts both by 2; 16-bit shifts only bring bits into the top.
+    let qh = load256(&b.qh, 0);
+    let mut hb = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<1>(qh));
+    let values = std::array::from_fn(|j| {
+        let h = _mm512_slli_epi16::<4>(_mm512_and_si512(hb, m1));
+        hb = _mm512_srli_epi16::<2>(hb);
+        _mm512_or_si512(nibbles(load256(&b.qs, 32 * j)), h)
+    });
+    k4_block(b.d, b.dmin, &b.scales, values)
+}
+
+/// Adds the products of weight block `w` with activation block `a` to `acc` (scaled sums, mins
+/// part): one step of gemv's K-quant dot, shared by the kernels for several rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) fn k4_block_dot(
+    w: &K4Block,
+    a: &BlockQ8K,
+    index: &[__m512i; 2],
+    acc: &mut (__m256, __m128),
+) {
+    let d = a.d * w.d;
+    let dmin = -a.d * w.dmin;
+    let prod = mins_dot_bsums(&w.mins, a);
+    acc.1 = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc.1);
+    let sumi = k4_scaled_sum(w.scales, a, index, |j| w.values[j]);
+    acc.0 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc.0);
+}
+
+/// `vpermw` indices of [`k4_scaled_sum`] for Q4_K and Q5_K.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) fn k4_index() -> [__m512i; 2] {
+    [idx(&K4_IDX[0]), idx(&K4_IDX[1])]
+}
+
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub fn dot_q4k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    let index = [idx(&K4_IDX[0]), idx(&K4_IDX[1])];
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let index = k4_index();
+    let mut acc = (_mm256_setzero_ps(), _mm_setzero_ps());
     for (b, a) in w.iter().zip(y) {
         prefetch_ahead(b);
-        let d = a.d * b.d.to_f32();
-        let dmin = -a.d * b.dmin.to_f32();
-        let (sc, mn) = unpack_scales_k4(&b.scales);
-        let prod = mins_dot_bsums(&mn, a);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-        let sc =
-            _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(sc))));
-        let sumi = k4_scaled_sum(sc, a, &index, |j| nibbles(load256(&b.qs, 32 * j)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        k4_block_dot(&q4k_block(b), a, &index, &mut acc);
     }
-    hsum_ps(acc) + hsum_ps128(acc_m)
+    hsum_ps(acc.0) + hsum_ps128(acc.1)
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub fn dot_q5k(w: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    let index = [idx(&K4_IDX[0]), idx(&K4_IDX[1])];
-    let m1 = _mm512_set1_epi8(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let index = k4_index();
+    let mut acc = (_mm256_setzero_ps(), _mm_setzero_ps());
     for (b, a) in w.iter().zip(y) {
         prefetch_ahead(b);
-        let d = a.d * b.d.to_f32();
-        let dmin = -a.d * b.dmin.to_f32();
-        let (sc, mn) = unpack_scales_k4(&b.scales);
-        let prod = mins_dot_bsums(&mn, a);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-        let sc =
-            _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(sc))));
-        // Lower half: bit 2j of qh (high bits of the low nibbles of chunk j); upper half: bit
-        // 2j+1. Each chunk shifts both by 2; 16-bit shifts only bring bits into the top.
-        let qh = load256(&b.qh, 0);
-        let mut hb =
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<1>(qh));
-        let sumi = k4_scaled_sum(sc, a, &index, |j| {
-            let h = _mm512_slli_epi16::<4>(_mm512_and_si512(hb, m1));
-            hb = _mm512_srli_epi16::<2>(hb);
-            _mm512_or_si512(nibbles(load256(&b.qs, 32 * j)), h)
-        });
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        k4_block_dot(&q5k_block(b), a, &index, &mut acc);
     }
-    hsum_ps(acc) + hsum_ps128(acc_m)
+    hsum_ps(acc.0) + hsum_ps128(acc.1)
+}
+
+/// A Q6_K block unpacked for [`q6k_block_dot`]: for each 128-value half, its two vectors of
+/// 64 values (`ql[64n..]`'s low nibbles are values l and l+32, its high ones l+64 and l+96), and
+/// its sub-block scales.
+pub(super) struct Q6Block {
+    values: [[__m512i; 2]; 2],
+    scales: __m512i,
+    d: f32,
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw")]
+pub(super) fn q6k_block(b: &BlockQ6K) -> Q6Block {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m3 = _mm512_set1_epi8(3);
+    let values = std::array::from_fn(|n| {
+        let ql = load512(&b.ql, 64 * n);
+        let qh = load256(&b.qh, 32 * n);
+        let hh = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+        let h = |s: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(s, m3));
+        let va = _mm512_or_si512(_mm512_and_si512(ql, m4), h(hh));
+        let vb = _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+            h(_mm512_srli_epi16::<4>(hh)),
+        );
+        [va, vb]
+    });
+    Q6Block {
+        values,
+        scales: _mm512_castsi256_si512(_mm256_cvtepi8_epi16(load128(&b.scales, 0))),
+        d: b.d.to_f32(),
+    }
+}
+
+/// `vpermw` indices for Q6_K's scales.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) fn q6k_index() -> [__m512i; 2] {
+    [idx(&Q6_IDX[0]), idx(&Q6_IDX[1])]
+}
+
+/// Adds the products of weight block `b` (unpacked as `w`) with activation block `a` to `acc`:
+/// one step of gemv's Q6_K dot.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) fn q6k_block_dot(
+    w: &Q6Block,
+    b: &BlockQ6K,
+    a: &BlockQ8K,
+    index: &[__m512i; 2],
+    acc: &mut __m256,
+) {
+    let zero = _mm512_setzero_si512();
+    let d = a.d * w.d;
+    let mut sumi = _mm512_setzero_si512();
+    for (n, index) in index.iter().enumerate() {
+        let dp0 = _mm512_dpbusd_epi32(zero, w.values[n][0], load512(&a.qs, 128 * n));
+        let dp1 = _mm512_dpbusd_epi32(zero, w.values[n][1], load512(&a.qs, 128 * n + 64));
+        let packed = _mm512_packs_epi32(dp0, dp1);
+        let sc = _mm512_permutexvar_epi16(*index, w.scales);
+        sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(packed, sc));
+    }
+    let sumi = _mm256_add_epi32(
+        _mm512_castsi512_si256(sumi),
+        _mm512_extracti64x4_epi64::<1>(sumi),
+    );
+    let sumi = _mm256_sub_epi32(sumi, q6k_offset(b, a));
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc);
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub fn dot_q6k(w: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-    let index = [idx(&Q6_IDX[0]), idx(&Q6_IDX[1])];
-    let m4 = _mm512_set1_epi8(0x0F);
-    let m3 = _mm512_set1_epi8(3);
-    let zero = _mm512_setzero_si512();
+    let index = q6k_index();
     let mut acc = _mm256_setzero_ps();
     for (b, a) in w.iter().zip(y) {
         prefetch_ahead(b);
-        let d = a.d * b.d.to_f32();
-        let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(load128(&b.scales, 0)));
-        let mut sumi = _mm512_setzero_si512();
-        for (n, index) in index.iter().enumerate() {
-            // ql[64n..64n+64]: low nibbles are values l and l+32, high nibbles l+64 and l+96.
-            let ql = load512(&b.ql, 64 * n);
-            let qh = load256(&b.qh, 32 * n);
-            let hh =
-                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
-            let h = |s: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(s, m3));
-            let va = _mm512_or_si512(_mm512_and_si512(ql, m4), h(hh));
-            let vb = _mm512_or_si512(
-                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
-                h(_mm512_srli_epi16::<4>(hh)),
-            );
-            let dp0 = _mm512_dpbusd_epi32(zero, va, load512(&a.qs, 128 * n));
-            let dp1 = _mm512_dpbusd_epi32(zero, vb, load512(&a.qs, 128 * n + 64));
-            let packed = _mm512_packs_epi32(dp0, dp1);
-            let sc = _mm512_permutexvar_epi16(*index, scales);
-            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(packed, sc));
-        }
-        let sumi = _mm256_add_epi32(
-            _mm512_castsi512_si256(sumi),
-            _mm512_extracti64x4_epi64::<1>(sumi),
-        );
-        let sumi = _mm256_sub_epi32(sumi, q6k_offset(b, a));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        q6k_block_dot(&q6k_block(b), b, a, &index, &mut acc);
     }
     hsum_ps(acc)
 }

@@ -1,6 +1,24 @@
 //! x86_64 kernels. Every kernel here is `#[target_feature]` (or, for a whole product, `unsafe`):
 //! call one only when [`super::hardware_level`] is at least its level.
 
+/// Calls `$kernel::<R>` for `R = $ys.len()` (1 to [`GROUP`](crate::kernels::gemm::GROUP)): the
+/// dispatch of the kernels for several activation rows (`avx2_gemm`, `avx512_rows`).
+macro_rules! by_rows {
+    ($kernel:ident, $w:expr, $ys:expr, $out:expr) => {
+        match $ys.len() {
+            1 => $kernel::<1>($w, $ys, $out),
+            2 => $kernel::<2>($w, $ys, $out),
+            3 => $kernel::<3>($w, $ys, $out),
+            4 => $kernel::<4>($w, $ys, $out),
+            r => panic!("{r} activation rows: 1 to 4 expected"),
+        }
+    };
+}
+const _: () = assert!(
+    crate::kernels::gemm::GROUP == 4,
+    "by_rows! covers 1 to 4 rows"
+);
+
 pub mod avx2;
 pub mod avx2_gemm;
 pub mod avx512;
@@ -8,6 +26,16 @@ pub mod avx512_gemm;
 pub mod avx512_rows;
 
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+
+/// The first `R` rows of `ys`, and `out` checked to have room for them.
+#[inline]
+fn rows<'a, Y, const R: usize>(ys: &[&'a [Y]], out: &[f32], blocks: usize) -> [&'a [Y]; R] {
+    assert!(ys.len() == R && out.len() == R);
+    std::array::from_fn(|i| {
+        assert_eq!(ys[i].len(), blocks);
+        ys[i]
+    })
+}
 
 /// How far ahead of the block in hand the weights are asked for.
 const PREFETCH_BYTES: usize = 2048;
