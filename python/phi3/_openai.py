@@ -40,6 +40,28 @@ _IGNORED = {
     "model",
 }
 
+# The fields each endpoint takes (besides `messages` or `prompt`, and the ignored ones).
+_COMMON_FIELDS = {
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    # Extensions, as llama.cpp's server names them.
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+}
+_CHAT_FIELDS = _COMMON_FIELDS | {"max_completion_tokens", "top_logprobs", "response_format"}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"echo", "best_of", "suffix"}
+
 Chunk = dict[str, Any]
 
 
@@ -244,27 +266,7 @@ def _messages(messages: object) -> list[dict[str, str]]:
 
 
 def _chat_request(model: Phi3, messages: object, fields: Mapping[str, Any]) -> _Request:
-    allowed = {
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "n",
-        "stream",
-        "stream_options",
-        "logprobs",
-        "top_logprobs",
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-        "response_format",
-        "top_k",
-        "min_p",
-        "repeat_penalty",
-    }
-    options = _sampling(model, fields, allowed)
+    options = _sampling(model, fields, _CHAT_FIELDS)
     options["max_tokens"] = _max_tokens(model, fields, None, "max_completion_tokens", "max_tokens")
     response_format = fields.get("response_format")
     if response_format is not None:
@@ -292,27 +294,7 @@ def _chat_request(model: Phi3, messages: object, fields: Mapping[str, Any]) -> _
 
 
 def _completion_request(model: Phi3, prompt: object, fields: Mapping[str, Any]) -> _Request:
-    allowed = {
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "n",
-        "stream",
-        "stream_options",
-        "logprobs",
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-        "echo",
-        "best_of",
-        "suffix",
-        "top_k",
-        "min_p",
-        "repeat_penalty",
-    }
-    options = _sampling(model, fields, allowed)
+    options = _sampling(model, fields, _COMPLETION_FIELDS)
     options["max_tokens"] = _max_tokens(model, fields, 16, "max_tokens")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]

@@ -69,6 +69,32 @@ def _serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load(args: argparse.Namespace, **options: Any) -> Phi3:
+    """The model the flags of `_model_flags` name."""
+    return Phi3(
+        args.model,
+        filename=args.filename,
+        revision=args.revision,
+        tokenizer=args.tokenizer,
+        threads=args.threads,
+        context_length=args.context_length,
+        **options,
+    )
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The stream options the flags of `_sampling_flags` give."""
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        repeat_penalty=args.repeat_penalty,
+        stop=args.stop,
+    )
+
+
 def _serve(argv: Sequence[str]) -> int:
     args = _serve_parser().parse_args(argv)
     try:
@@ -84,30 +110,9 @@ def _serve(argv: Sequence[str]) -> int:
             f"phi3: warning: serving on {args.host} without an API key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    defaults = {
-        key: value
-        for key, value in dict(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            repeat_penalty=args.repeat_penalty,
-            stop=args.stop,
-        ).items()
-        if value is not None
-    }
+    defaults = {key: value for key, value in _sampling_options(args).items() if value is not None}
     try:
-        model = Phi3(
-            args.model,
-            filename=args.filename,
-            revision=args.revision,
-            tokenizer=args.tokenizer,
-            threads=args.threads,
-            context_length=args.context_length,
-            max_batch=args.max_batch,
-            cache_bytes=args.cache_bytes,
-        )
+        model = _load(args, max_batch=args.max_batch, cache_bytes=args.cache_bytes)
         app = create_app(model, api_key=api_key, model_id=args.model_id, defaults=defaults)
     except (Phi3Error, OSError, ValueError, TypeError) as e:
         print(f"phi3: error: {e}", file=sys.stderr)
@@ -192,24 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(version_text())
         return 0
     try:
-        model = Phi3(
-            args.model,
-            filename=args.filename,
-            revision=args.revision,
-            tokenizer=args.tokenizer,
-            threads=args.threads,
-            context_length=args.context_length,
-        )
-        options: dict[str, Any] = dict(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            repeat_penalty=args.repeat_penalty,
-            repeat_last_n=args.repeat_last_n,
-            stop=args.stop,
-        )
+        model = _load(args)
+        options = {**_sampling_options(args), "repeat_last_n": args.repeat_last_n}
         if args.prompt is None:
             _chat(model, args, options)
             return 0

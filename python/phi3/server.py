@@ -44,6 +44,12 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _unauthorized() -> JSONResponse:
+    return _error(
+        401, "a valid API key is required (Authorization: Bearer ...)", "invalid_request_error", None, "invalid_api_key"
+    )
+
+
 def _bad_request(e: _openai.InvalidRequestError) -> JSONResponse:
     return _error(400, e.message, "invalid_request_error", e.param, e.code)
 
@@ -164,13 +170,7 @@ class _Server:
 
     async def _completions(self, request: Request, chat: bool) -> Response:
         if not self.authorized(request):
-            return _error(
-                401,
-                "a valid API key is required (Authorization: Bearer ...)",
-                "invalid_request_error",
-                None,
-                "invalid_api_key",
-            )
+            return _unauthorized()
         try:
             body = await self.body(request)
         except ClientDisconnect:
@@ -301,12 +301,12 @@ def create_app(
 
     async def models(request: Request) -> Response:
         if not server.authorized(request):
-            return _error(401, "a valid API key is required", "invalid_request_error", None, "invalid_api_key")
+            return _unauthorized()
         return JSONResponse({"object": "list", "data": [server.model_info()]})
 
     async def model_by_id(request: Request) -> Response:
         if not server.authorized(request):
-            return _error(401, "a valid API key is required", "invalid_request_error", None, "invalid_api_key")
+            return _unauthorized()
         if request.path_params["id"] != server.model_id:
             return _error(
                 404,

@@ -99,8 +99,7 @@ impl PyChat {
         text: &Bound<'py, PyAny>,
         overrides: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let stream = self.stream(py, text, overrides)?;
-        py.import("phi3._aio")?.call_method1("collect", (stream,))
+        self.stream(py, text, overrides)?.into_coroutine(py)
     }
 
     /// The conversation so far: `{"role", "content"}` dicts (a fresh list on each access).

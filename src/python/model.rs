@@ -133,6 +133,20 @@ fn at_least(value: Option<i64>, min: i64, name: &str) -> PyResult<Option<usize>>
         .transpose()
 }
 
+/// `phi3._openai.<function>(model, first, **fields)`: the OpenAI protocol is Python's.
+fn openai<'py>(
+    model: &Bound<'py, PyPhi3>,
+    function: &str,
+    first: &Bound<'py, PyAny>,
+    fields: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    model
+        .py()
+        .import("phi3._openai")?
+        .getattr(function)?
+        .call((model, first), fields)
+}
+
 #[pymethods]
 impl PyPhi3 {
     #[new]
@@ -231,8 +245,7 @@ impl PyPhi3 {
         prompt: &Bound<'py, PyAny>,
         options: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let stream = self.stream(py, prompt, options)?;
-        py.import("phi3._aio")?.call_method1("collect", (stream,))
+        self.stream(py, prompt, options)?.into_coroutine(py)
     }
 
     /// An OpenAI chat completion (a dict, or an iterator of chunk dicts with `stream=True`), as
@@ -243,10 +256,7 @@ impl PyPhi3 {
         messages: &Bound<'py, PyAny>,
         fields: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        py.import("phi3._openai")?
-            .getattr("create_chat_completion")?
-            .call((slf, messages), fields)
+        openai(slf, "create_chat_completion", messages, fields)
     }
 
     /// An OpenAI (legacy) text completion of `prompt`, without the chat template.
@@ -256,10 +266,7 @@ impl PyPhi3 {
         prompt: &Bound<'py, PyAny>,
         fields: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        py.import("phi3._openai")?
-            .getattr("create_completion")?
-            .call((slf, prompt), fields)
+        openai(slf, "create_completion", prompt, fields)
     }
 
     /// How many streams share one pass over the weights.

@@ -139,6 +139,16 @@ impl PyStream {
         }
     }
 
+    /// This stream for `async for` (`phi3._aio.AsyncStream`).
+    pub fn into_async(self, py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+        py.import("phi3._aio")?.call_method1("AsyncStream", (self,))
+    }
+
+    /// A coroutine of the whole answer (`phi3._aio.collect`).
+    pub fn into_coroutine(self, py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+        py.import("phi3._aio")?.call_method1("collect", (self,))
+    }
+
     /// The whole answer, read without making a Python object per piece.
     pub fn collect(mut self, py: Python<'_>) -> PyResult<String> {
         let Some(mut handle) = self.handle.take() else {
