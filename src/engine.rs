@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chat_template::{ChatTemplate, Message};
+use crate::constraint::Grammars;
 use crate::error::{Error, Result};
 use crate::generate::prefix_pool::DEFAULT_CACHE_BYTES;
 use crate::generate::scheduler::DEFAULT_MAX_BATCH;
@@ -55,6 +56,7 @@ pub struct Engine {
     pool: rayon::ThreadPool,
     prefix_pool: PrefixPool,
     scheduler: Scheduler,
+    grammars: Grammars,
     /// Last, so that it drops after the weights.
     _release: ReleaseMemoryOnDrop,
 }
@@ -130,10 +132,12 @@ impl Engine {
             .filter(|(_, v)| !matches!(v, Value::Array(_)))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let tokenizer = Arc::new(tokenizer);
         Ok(Self {
             path: path.to_path_buf(),
             model,
-            tokenizer: Arc::new(tokenizer),
+            grammars: Grammars::new(tokenizer.clone()),
+            tokenizer,
             template,
             metadata,
             pool,
@@ -169,6 +173,11 @@ impl Engine {
 
     pub fn prefix_pool(&self) -> &PrefixPool {
         &self.prefix_pool
+    }
+
+    /// Compiles and keeps the constraints of structured output.
+    pub fn grammars(&self) -> &Grammars {
+        &self.grammars
     }
 
     pub fn scheduler(&self) -> &Scheduler {

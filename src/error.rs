@@ -41,6 +41,11 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// A JSON schema, regular expression or grammar that is invalid, unsupported, over a limit,
+    /// or that ran out of its budget while generating.
+    #[error("constraint error: {0}")]
+    Grammar(String),
+
     #[error("download failed: {0}")]
     Hub(String),
 

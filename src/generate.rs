@@ -11,6 +11,7 @@ pub mod scheduler;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::constraint::{Constraint, ConstraintState};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, SeqInput};
@@ -36,6 +37,9 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
     /// How many of the most likely tokens each [`Piece`] reports, with their log-probabilities.
     pub top_logprobs: usize,
+    /// What the answer must match. The generation ends when nothing more can follow, and
+    /// `ignore_eos` does not apply: the constraint says where the text ends.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerationParams {
@@ -46,6 +50,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             ignore_eos: false,
             top_logprobs: 0,
+            constraint: None,
         }
     }
 }
@@ -128,6 +133,7 @@ pub struct Generation {
     prompt: Vec<u32>,
     cache: KvCache,
     sampler: Sampler,
+    constraint: Option<ConstraintState>,
     decoder: DecodeStream,
     stop_ids: Vec<u32>,
     /// Prompt and generated tokens, for the repeat penalty.
@@ -192,14 +198,24 @@ impl Generation {
             })
             .or_else(|| engine.prefix_pool().lookup(&prompt, reusable))
             .unwrap_or_else(|| engine.model().new_cache());
-        let decoder = DecodeStream::new(engine.tokenizer().clone(), true);
-        let stop_ids = if params.ignore_eos {
+        let constraint = params
+            .constraint
+            .as_ref()
+            .map(|c| engine.grammars().start(c))
+            .transpose()?;
+        let mut decoder = DecodeStream::new(engine.tokenizer().clone(), true);
+        if constraint.is_some() {
+            // The constraint saw the dummy prefix's space; so does the caller.
+            decoder = decoder.keeping_leading_space();
+        }
+        let stop_ids = if params.ignore_eos && constraint.is_none() {
             Vec::new()
         } else {
             engine.tokenizer().stop_ids()
         };
         Ok(Self {
             sampler: Sampler::new(params.sampling.clone()),
+            constraint,
             stats: Stats {
                 prompt_tokens: prompt.len(),
                 cached_tokens: cache.len(),
@@ -306,7 +322,7 @@ impl Generation {
             return Ok(Event::Prefilled);
         };
 
-        let id = self.sampler.sample(&mut logits, &self.history);
+        let id = self.sample(&mut logits)?;
         let softmax = LogSoftmax::of(&logits);
         let logprob = softmax.at(&logits, id);
         let top_logprobs = softmax.top(&logits, self.params.top_logprobs);
@@ -343,6 +359,14 @@ impl Generation {
         let text = self.held[..self.held.len() - keep].to_string();
         self.held.drain(..self.held.len() - keep);
 
+        if self
+            .constraint
+            .as_ref()
+            .is_some_and(ConstraintState::is_complete)
+        {
+            let tail = self.finish(FinishReason::Stop);
+            return Ok(Event::Token(piece(text + &tail)));
+        }
         if self.stats.generated_tokens >= self.params.max_tokens
             || self.cache.len() >= self.engine.context_length()
         {
@@ -350,6 +374,26 @@ impl Generation {
             return Ok(Event::Token(piece(text + &tail)));
         }
         Ok(Event::Token(piece(text)))
+    }
+
+    /// The next token. Under a constraint the sampler's pick is checked first, which costs a
+    /// walk of one token's bytes; only a refused pick pays for the whole mask and a second
+    /// draw among the allowed tokens (the same distribution as masking first).
+    fn sample(&mut self, logits: &mut [f32]) -> Result<u32> {
+        let Some(constraint) = &mut self.constraint else {
+            return Ok(self.sampler.sample(logits, &self.history));
+        };
+        let mut id = self.sampler.propose(logits, &self.history, None);
+        if !matches!(id, Some(first) if constraint.allows(first)?) {
+            let mask = constraint.mask()?;
+            id = self
+                .sampler
+                .propose(logits, &self.history, Some(&|t| mask.allows(t)));
+        }
+        let id = id.ok_or_else(|| Error::Grammar("the constraint allows no token here".into()))?;
+        self.sampler.accept(id);
+        constraint.advance(id)?;
+        Ok(id)
     }
 
     /// Ends the generation and returns the text still held back: a possible stop-string start

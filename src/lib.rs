@@ -5,6 +5,7 @@
 //! in the generation loop (`generate`). `hub` fetches files; `python` is the PyO3 binding.
 
 pub(crate) mod chat_template;
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod generate;

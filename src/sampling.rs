@@ -134,16 +134,34 @@ impl Sampler {
     /// and penalties are applied to `logits` in place and undone before returning, so that the
     /// caller can take the raw log-probability of the pick without a copy of the logits.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let id = self.propose(logits, history, None).unwrap_or(0);
+        self.accept(id);
+        id
+    }
+
+    /// [`sample`](Self::sample) in two steps, for a caller that may refuse the pick and ask
+    /// again among the tokens `allowed` says yes to: the pick, or `None` when none is allowed.
+    /// Nothing is counted until [`accept`](Self::accept).
+    pub fn propose(
+        &mut self,
+        logits: &mut [f32],
+        history: &[u32],
+        allowed: Option<&dyn Fn(u32) -> bool>,
+    ) -> Option<u32> {
         self.penalized.clear();
         self.apply_logit_bias(logits);
         self.apply_repeat_penalty(logits, history);
         self.apply_presence_and_frequency(logits);
-        let id = self.pick(logits);
+        let id = self.pick(logits, allowed);
         for &(i, raw) in self.penalized.iter().rev() {
             logits[i] = raw;
         }
-        *self.picked.entry(id).or_default() += 1;
         id
+    }
+
+    /// `id` is the token taken: the presence and frequency penalties count it from now on.
+    pub fn accept(&mut self, id: u32) {
+        *self.picked.entry(id).or_default() += 1;
     }
 
     /// Sets `logits[id]` to `value`, remembering the value before.
@@ -173,18 +191,26 @@ impl Sampler {
         self.picked = picked;
     }
 
-    fn pick(&mut self, logits: &[f32]) -> u32 {
+    fn pick(&mut self, logits: &[f32], allowed: Option<&dyn Fn(u32) -> bool>) -> Option<u32> {
         if self.params.temperature == 0.0 {
-            return argmax(logits);
+            return match allowed {
+                None => Some(argmax(logits)),
+                Some(allowed) => argmax_where(logits, allowed),
+            };
         }
+        let allowed = |id: u32| allowed.is_none_or(|allowed| allowed(id));
         let inv_temp = 1.0 / self.params.temperature;
         self.candidates.clear();
         self.candidates.extend(
             logits
                 .iter()
                 .enumerate()
+                .filter(|&(i, _)| allowed(i as u32))
                 .map(|(i, &l)| (i as u32, l * inv_temp)),
         );
+        if self.candidates.is_empty() {
+            return None;
+        }
         let candidates = &mut self.candidates;
         if let Some(k) = self.params.top_k.filter(|&k| k > 0 && k < candidates.len()) {
             candidates.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
@@ -223,11 +249,11 @@ impl Sampler {
         for &(id, weight) in candidates.iter() {
             target -= f64::from(weight);
             if target <= 0.0 {
-                return id;
+                return Some(id);
             }
         }
         // Rounding left a sliver of mass: the last survivor takes it.
-        candidates.last().map_or(0, |c| c.0)
+        candidates.last().map(|c| c.0)
     }
 
     fn apply_repeat_penalty(&mut self, logits: &mut [f32], history: &[u32]) {
@@ -258,6 +284,17 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The largest logit among the tokens `allowed` says yes to, if any.
+fn argmax_where(logits: &[f32], allowed: &dyn Fn(u32) -> bool) -> Option<u32> {
+    let mut best: Option<(u32, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if best.is_none_or(|(_, b)| l > b) && allowed(i as u32) {
+            best = Some((i as u32, l));
+        }
+    }
+    best.map(|(id, _)| id)
 }
 
 /// `log_softmax(logits)[id]`, computed in f64.

@@ -41,29 +41,50 @@ pyo3::create_exception!(
 );
 
 static CONTEXT_LENGTH_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static GRAMMAR_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
-/// `ContextLengthError(Phi3Error, ValueError)`: a prompt longer than the context is both a
-/// runtime limit of the model and a bad argument. Rust's exception macro takes one base, so the
-/// class is made the way Python makes classes: by calling `type`.
+/// A `Phi3Error` that is also a `ValueError`: a runtime limit of the model and a bad argument
+/// at once. Rust's exception macro takes one base, so the class is made the way Python makes
+/// classes: by calling `type`.
+fn value_error_class<'py>(
+    py: Python<'py>,
+    cell: &'py PyOnceLock<Py<PyType>>,
+    name: &str,
+    doc: &str,
+) -> PyResult<&'py Bound<'py, PyType>> {
+    cell.get_or_try_init(py, || {
+        let bases = PyTuple::new(
+            py,
+            [py.get_type::<Phi3Error>(), py.get_type::<PyValueError>()],
+        )?;
+        let namespace = PyDict::new(py);
+        namespace.set_item("__module__", "phi3")?;
+        namespace.set_item("__doc__", doc)?;
+        let class = py.get_type::<PyType>().call1((name, bases, namespace))?;
+        Ok(class.cast_into::<PyType>()?.unbind())
+    })
+    .map(|t| t.bind(py))
+}
+
+/// `ContextLengthError(Phi3Error, ValueError)`.
 fn context_length_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-    CONTEXT_LENGTH_ERROR
-        .get_or_try_init(py, || {
-            let bases = PyTuple::new(
-                py,
-                [py.get_type::<Phi3Error>(), py.get_type::<PyValueError>()],
-            )?;
-            let namespace = PyDict::new(py);
-            namespace.set_item("__module__", "phi3")?;
-            namespace.set_item(
-                "__doc__",
-                "The prompt does not fit in the context; the message gives both lengths.",
-            )?;
-            let class = py
-                .get_type::<PyType>()
-                .call1(("ContextLengthError", bases, namespace))?;
-            Ok(class.cast_into::<PyType>()?.unbind())
-        })
-        .map(|t| t.bind(py))
+    value_error_class(
+        py,
+        &CONTEXT_LENGTH_ERROR,
+        "ContextLengthError",
+        "The prompt does not fit in the context; the message gives both lengths.",
+    )
+}
+
+/// `GrammarError(Phi3Error, ValueError)`.
+fn grammar_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    value_error_class(
+        py,
+        &GRAMMAR_ERROR,
+        "GrammarError",
+        "A JSON schema, regular expression or grammar is invalid, unsupported or over a limit, \
+         or went over its budget while generating; the message says which.",
+    )
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -74,6 +95,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ChatTemplateError", py.get_type::<ChatTemplateError>())?;
     m.add("DownloadError", py.get_type::<DownloadError>())?;
     m.add("ContextLengthError", context_length_error(py)?)?;
+    m.add("GrammarError", grammar_error(py)?)?;
     Ok(())
 }
 
@@ -87,6 +109,10 @@ pub fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
         Error::Tokenizer(_) => TokenizerError::new_err(msg),
         Error::ChatTemplate(_) => ChatTemplateError::new_err(msg),
         Error::ContextOverflow { .. } => match context_length_error(py) {
+            Ok(class) => PyErr::from_type(class.clone(), msg),
+            Err(e) => e,
+        },
+        Error::Grammar(_) => match grammar_error(py) {
             Ok(class) => PyErr::from_type(class.clone(), msg),
             Err(e) => e,
         },

@@ -31,6 +31,13 @@ impl DecodeStream {
         }
     }
 
+    /// Keeps the dummy prefix's space on the first token, for a caller that must see every
+    /// byte the tokens carry.
+    pub fn keeping_leading_space(mut self) -> Self {
+        self.strip_space = false;
+        self
+    }
+
     /// The text that token `id` completes, or `None` when it completes none (part of a
     /// character, a skipped control token, or an id outside the vocabulary, which contributes
     /// nothing).

@@ -197,6 +197,22 @@ impl Tokenizer {
     /// The ids of `text`, with BOS first if `add_bos`. With `parse_special`, special tokens
     /// written in the text (`<|user|>`) become their ids; without, they are tokenized as text.
     pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<u32>> {
+        self.encode_with(text, add_bos, parse_special, self.space_prefix)
+    }
+
+    /// The ids of `text` as it would be tokenized in the middle of an answer: no BOS, no
+    /// dummy prefix, special tokens as text (user-defined ones are still split out, as always).
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false, false, false)
+    }
+
+    fn encode_with(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+        space_prefix: bool,
+    ) -> Result<Vec<u32>> {
         let mut out = Vec::new();
         if add_bos {
             out.push(self.bos.ok_or_else(|| {
@@ -211,7 +227,7 @@ impl Tokenizer {
                 for fragment in self.vocab.partition(text, parse_special) {
                     match fragment {
                         Fragment::Text(t) => {
-                            let prefix = self.space_prefix && after_special;
+                            let prefix = space_prefix && after_special;
                             spm.encode(&self.vocab, t, prefix, &mut out)?;
                             after_special = false;
                         }
@@ -283,6 +299,15 @@ impl Tokenizer {
     /// leaves them out.
     pub fn is_control(&self, id: u32) -> bool {
         self.vocab.kind(id).is_some_and(TokenKind::is_control)
+    }
+
+    /// Tokens that stand for text: normal and byte tokens. Control, user-defined and unused
+    /// tokens are markers, even where their text is printable.
+    pub fn is_text(&self, id: u32) -> bool {
+        matches!(
+            self.vocab.kind(id),
+            Some(TokenKind::Normal | TokenKind::Byte)
+        )
     }
 
     /// The ids that end a generation: EOS, and `<|end|>`, `<|endoftext|>`, `<|im_end|>`,
