@@ -5,6 +5,8 @@ haiku fixture, against phi3's own greedy answers."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from typing import Any
 
@@ -102,7 +104,21 @@ def test_completion_is_raw(haiku: Phi3) -> None:
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": "json"}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
+        ({"response_format": {"type": "json_object"}, "regex": "a+"}, "regex"),
+        ({"regex": "a+", "grammar": "start: x"}, "grammar"),
+        ({"regex": 5}, "regex"),
+        ({"json_schema": {"type": "objekt"}}, "json_schema"),
+        ({"regex": "(a"}, "regex"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
+            "response_format",
+        ),
         ({"tools": []}, "tools"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"seed": 1.5}, "seed"),
@@ -244,3 +260,30 @@ def test_cancelling_an_astream_ends_its_generation(haiku: Phi3) -> None:
     asyncio.run(main())
     _wait_idle(haiku)
     assert haiku.generate(HOCKEY, temperature=0, max_tokens=5) == "Puck skims the"
+
+
+def test_response_format_constrains_every_choice(haiku: Phi3) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "word": {"type": "string", "maxLength": 8},
+            "n": {"type": "integer", "minimum": 1, "maximum": 9},
+        },
+        "required": ["word", "n"],
+        "additionalProperties": False,
+    }
+    r = haiku.create_chat_completion(
+        MESSAGES,
+        n=3,
+        seed=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema, "strict": True}},
+    )
+    for choice in r["choices"]:
+        answer = json.loads(choice["message"]["content"])
+        assert set(answer) == {"word", "n"} and 1 <= answer["n"] <= 9 and len(answer["word"]) <= 8
+        assert choice["finish_reason"] == "stop"
+    chunks = list(haiku.create_chat_completion(MESSAGES, seed=5, stream=True, response_format={"type": "json_object"}))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text.lstrip().startswith("{")
+    completion = haiku.create_completion("Once upon", regex="[0-9]{3}-[a-z]{2}", seed=2)
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", completion["choices"][0]["text"])

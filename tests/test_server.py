@@ -165,6 +165,67 @@ def test_stop_and_length(served: _Serving, haiku: Phi3) -> None:
     assert r.usage.completion_tokens == 5
 
 
+def test_response_format_through_the_openai_client(served: _Serving) -> None:
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Reading(BaseModel):
+        place: Literal["rink", "field", "lake"]
+        celsius: int = Field(ge=-40, le=40)
+
+    client = served.client()
+    for seed in range(4):
+        completion = client.chat.completions.parse(
+            model="tiny-phi3-haiku-q4_k_m", messages=HOCKEY, response_format=Reading, seed=seed, max_tokens=60
+        )
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Reading)
+        assert -40 <= choice.message.parsed.celsius <= 40
+    r = client.chat.completions.create(
+        model="tiny-phi3-haiku-q4_k_m",
+        messages=HOCKEY,
+        response_format={"type": "json_schema", "json_schema": {"name": "point", "schema": POINT_SCHEMA}},
+        seed=3,
+    )
+    point = json.loads(str(r.choices[0].message.content))
+    assert set(point) == {"x", "y"} and 0 <= point["x"] <= 9
+    # Cut by max_tokens: the client says so instead of parsing half an object.
+    with pytest.raises(openai.LengthFinishReasonError):
+        client.chat.completions.parse(
+            model="tiny-phi3-haiku-q4_k_m", messages=HOCKEY, response_format=Reading, seed=1, max_tokens=3
+        )
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="tiny-phi3-haiku-q4_k_m",
+            messages=HOCKEY,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
+        )
+    assert info.value.body["param"] == "response_format"  # type: ignore[index]
+    assert info.value.body["code"] == "invalid_grammar"  # type: ignore[index]
+
+
+def test_a_constraint_over_its_budget_mid_stream_is_an_error_event(served: _Serving) -> None:
+    stream = served.client().chat.completions.create(
+        model="tiny-phi3-haiku-q4_k_m",
+        messages=HOCKEY,
+        stream=True,
+        extra_body={"regex": "(x+x+)+y{1000}{1000}"},
+    )
+    with pytest.raises(openai.APIError, match="too many states"):
+        for _ in stream:
+            pass
+
+
+POINT_SCHEMA = {
+    "type": "object",
+    "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}, "y": {"type": "integer", "minimum": 0}},
+    "required": ["x", "y"],
+    "additionalProperties": False,
+}
+
+
 def test_logprobs(served: _Serving) -> None:
     r = served.client().chat.completions.create(
         model="tiny-phi3-haiku-q4_k_m", messages=HOCKEY, temperature=0, logprobs=True, top_logprobs=5

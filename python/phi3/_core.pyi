@@ -20,6 +20,8 @@ def cpu_info() -> CpuInfo:
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message], Sequence[int]]
 
+JsonSchema = Union[bool, str, Mapping[str, Any], type, None]
+
 class GenerateOptions(TypedDict, total=False):
     """The keyword options of ``generate()`` (and of ``stream()``, with ``details``); the
     defaults are in brackets."""
@@ -38,6 +40,10 @@ class GenerateOptions(TypedDict, total=False):
     stop: Union[str, Sequence[str], None]  # [None] the answer ends before any of these
     ignore_eos: bool  # [False] go on past end-of-text tokens
     top_logprobs: int  # [0] alternatives each Token reports (0 to 20)
+    # At most one constraint; the answer matches it, and ends when nothing more can follow.
+    json_schema: JsonSchema  # [None] True (any JSON object), a schema, or a pydantic model class
+    regex: Optional[str]  # [None] the whole answer matches it (Rust regex syntax)
+    grammar: Optional[str]  # [None] llguidance's Lark syntax
 
 class StreamOptions(GenerateOptions, total=False):
     details: bool  # [False] yield Token objects instead of str pieces
@@ -59,6 +65,10 @@ class DownloadError(Phi3Error):
 
 class ContextLengthError(Phi3Error, ValueError):
     """The prompt does not fit in the context; the message gives both lengths."""
+
+class GrammarError(Phi3Error, ValueError):
+    """A JSON schema, regular expression or grammar is invalid, unsupported or over a limit,
+    or went over its budget while generating; the message says which."""
 
 @final
 class Token:

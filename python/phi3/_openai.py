@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from phi3._aio import AsyncStream
-from phi3._core import ContextLengthError, Phi3, Stream, Token, __version__
+from phi3._core import ContextLengthError, GrammarError, Phi3, Stream, Token, __version__
 
 # OpenAI's bounds.
 MAX_N = 16
@@ -58,7 +58,12 @@ _COMMON_FIELDS = {
     "top_k",
     "min_p",
     "repeat_penalty",
+    # Structured output, as phi3's own stream() names it.
+    "json_schema",
+    "regex",
+    "grammar",
 }
+_CONSTRAINTS = ("json_schema", "regex", "grammar")
 _CHAT_FIELDS = _COMMON_FIELDS | {"max_completion_tokens", "top_logprobs", "response_format"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"echo", "best_of", "suffix"}
 
@@ -156,6 +161,8 @@ class _Request:
     logprobs: Optional[int]  # None: no logprobs; else how many alternatives per token
     model: str
     echo: str = ""
+    # The field that holds the constraint, if any: a constraint's error names it.
+    constraint: Optional[str] = None
 
 
 def _sampling(model: Phi3, fields: Mapping[str, Any], allowed: set[str]) -> dict[str, Any]:
@@ -197,6 +204,66 @@ def _sampling(model: Phi3, fields: Mapping[str, Any], allowed: set[str]) -> dict
     if repeat_penalty is not None:
         options["repeat_penalty"] = repeat_penalty
     return options
+
+
+def _constraint(fields: Mapping[str, Any], options: dict[str, Any]) -> Optional[str]:
+    """The extensions ``json_schema``, ``regex`` and ``grammar``, as ``stream()`` takes them; the
+    name of the one given."""
+    given = [name for name in _CONSTRAINTS if fields.get(name) is not None]
+    if len(given) > 1:
+        raise InvalidRequestError(f"{' and '.join(given)} are exclusive", given[1])
+    if not given:
+        return None
+    name = given[0]
+    value = fields[name]
+    valid = isinstance(value, (bool, str, dict)) if name == "json_schema" else isinstance(value, str)
+    if not valid:
+        raise InvalidRequestError(f"{name} has the wrong type: {_type_name(value)}", name)
+    options[name] = value
+    return name
+
+
+def _response_format(fields: Mapping[str, Any], options: dict[str, Any]) -> bool:
+    """OpenAI's ``response_format``: text, any JSON object, or JSON matching a schema. Whether it
+    constrains the answer."""
+    response_format = fields.get("response_format")
+    if response_format is None:
+        return False
+    if not isinstance(response_format, dict):
+        raise InvalidRequestError(
+            f"response_format must be an object, got {_type_name(response_format)}", "response_format"
+        )
+    kind = response_format.get("type")
+    if kind == "text":
+        return False
+    if kind == "json_object":
+        # llama.cpp's server also takes a schema here.
+        schema = response_format.get("schema")
+        options["json_schema"] = True if schema is None else schema
+        return True
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidRequestError(
+                "response_format.json_schema must be an object with name and schema", "response_format.json_schema"
+            )
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(
+                "response_format.json_schema.name must be a non-empty string", "response_format.json_schema.name"
+            )
+        schema = spec.get("schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise InvalidRequestError(
+                f"response_format.json_schema.schema must be an object, got {_type_name(schema)}",
+                "response_format.json_schema.schema",
+            )
+        # `strict` asks for what phi3 always does: the answer matches the schema.
+        options["json_schema"] = True if schema is None else schema
+        return True
+    raise InvalidRequestError(
+        f"response_format.type must be text, json_object or json_schema, got {kind!r}", "response_format.type"
+    )
 
 
 def _stream_flags(fields: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -268,13 +335,11 @@ def _messages(messages: object) -> list[dict[str, str]]:
 def _chat_request(model: Phi3, messages: object, fields: Mapping[str, Any]) -> _Request:
     options = _sampling(model, fields, _CHAT_FIELDS)
     options["max_tokens"] = _max_tokens(model, fields, None, "max_completion_tokens", "max_tokens")
-    response_format = fields.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            raise InvalidRequestError(
-                f"response_format: only {{'type': 'text'}} is supported, got {response_format!r}", "response_format"
-            )
+    constraint = _constraint(fields, options)
+    if _response_format(fields, options):
+        if constraint is not None:
+            raise InvalidRequestError(f"response_format and {constraint} are exclusive", constraint)
+        constraint = "response_format"
     logprobs = _bool(fields, "logprobs")
     top_logprobs = _int(fields, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:
@@ -290,6 +355,7 @@ def _chat_request(model: Phi3, messages: object, fields: Mapping[str, Any]) -> _
         include_usage=include_usage,
         logprobs=(top_logprobs or 0) if logprobs else None,
         model=_model_name(model, fields),
+        constraint=constraint,
     )
 
 
@@ -316,6 +382,7 @@ def _completion_request(model: Phi3, prompt: object, fields: Mapping[str, Any]) 
             raise InvalidRequestError("echo with logprobs is not supported", "echo")
         echo = prompt if isinstance(prompt, str) else model.detokenize(prompt)  # type: ignore[arg-type]
     options["raw"] = True
+    constraint = _constraint(fields, options)
     stream, include_usage = _stream_flags(fields)
     assert isinstance(prompt, (str, list))
     return _Request(
@@ -327,6 +394,7 @@ def _completion_request(model: Phi3, prompt: object, fields: Mapping[str, Any]) 
         logprobs=logprobs,
         model=_model_name(model, fields),
         echo=echo,
+        constraint=constraint,
     )
 
 
@@ -360,10 +428,21 @@ def _start(model: Phi3, request: _Request) -> list[Stream]:
             else "prompt"
         )
         raise InvalidRequestError(str(e), param, "context_length_exceeded") from e
+    except GrammarError as e:
+        _close(streams)
+        raise grammar_error(e, request) from e
     except (TypeError, ValueError) as e:
         _close(streams)
         raise InvalidRequestError(str(e)) from e
     return streams
+
+
+def grammar_error(error: GrammarError, request: _Request) -> InvalidRequestError:
+    """A constraint's error as a request error naming the field that held the constraint."""
+    message = str(error)
+    if request.constraint == "response_format":
+        message = f"response_format: {message}"
+    return InvalidRequestError(message, request.constraint, "invalid_grammar")
 
 
 def _close(streams: Sequence[Stream]) -> None:

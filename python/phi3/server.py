@@ -25,7 +25,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError('phi3.server needs Starlette and uvicorn: pip install "phi3[server]"') from e
 
 from phi3 import _openai
-from phi3._core import Phi3
+from phi3._core import GrammarError, Phi3
 
 #: Request bodies above this many bytes get a 413 (a long chat fits in far less).
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -197,10 +197,12 @@ class _Server:
         except _openai.InvalidRequestError as e:
             return _bad_request(e)
         if answer.request.stream:
-            return StreamingResponse(
-                self._events(answer), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        result = await _until_disconnected(request, answer.arun())
+            return _EventStream(answer, self._events(answer))
+        try:
+            result = await _until_disconnected(request, answer.arun())
+        except GrammarError as e:
+            # The constraint went over a per-token budget: the request's fault, not the server's.
+            return _bad_request(_openai.grammar_error(e, answer.request))
         if result is None:
             return Response(status_code=499)
         self.metrics.answered(answer)
@@ -212,8 +214,10 @@ class _Server:
                 yield f"data: {json.dumps(chunk)}\n\n"
             self.metrics.answered(answer)
             yield "data: [DONE]\n\n"
-        except _openai.InvalidRequestError as e:
-            yield f"data: {json.dumps(_error_body(e.message, 'invalid_request_error', e.param, e.code))}\n\n"
+        except (_openai.InvalidRequestError, GrammarError) as e:
+            error = _openai.grammar_error(e, answer.request) if isinstance(e, GrammarError) else e
+            body = _error_body(error.message, "invalid_request_error", error.param, error.code)
+            yield f"data: {json.dumps(body)}\n\n"
         except Exception as e:
             # The status line is sent: the failure goes to the client as an event.
             yield f"data: {json.dumps(_error_body(str(e), 'server_error'))}\n\n"

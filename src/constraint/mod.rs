@@ -27,6 +27,10 @@ use tok_env::GuidanceTokenizer;
 pub const MAX_CONSTRAINT_BYTES: usize = 1 << 20;
 /// The deepest nesting of brackets (JSON arrays and objects; a regex's or grammar's groups).
 pub const MAX_NESTING: usize = 100;
+/// Whitespace between JSON tokens, unless the schema's own `x-guidance` options say otherwise:
+/// one space, or a line break and up to 20 spaces or tabs (llama.cpp's JSON grammar allows the
+/// same). Unbounded runs would let a model spin on blank lines until `max_tokens`.
+pub const JSON_WHITESPACE: &str = r"(?: |\n[ \t]{0,20})";
 /// Compiled grammars kept per engine.
 const COMPILED_KEPT: usize = 16;
 /// The compile thread's stack: llguidance's compilers recurse over the schema or grammar.
@@ -91,8 +95,13 @@ impl Constraint {
         }
         Ok(match self {
             Self::JsonSchema(text) => {
-                let schema: serde_json::Value = serde_json::from_str(text)
+                let mut schema: serde_json::Value = serde_json::from_str(text)
                     .map_err(|e| Error::Grammar(format!("json_schema is not valid JSON: {e}")))?;
+                if let Some(object) = schema.as_object_mut() {
+                    object.entry("x-guidance").or_insert_with(
+                        || serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE }),
+                    );
+                }
                 if !(schema.is_object() || schema.is_boolean()) {
                     return Err(Error::Grammar(
                         "json_schema must be a JSON object (or true)".into(),

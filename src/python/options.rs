@@ -7,6 +7,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 
 use super::convert::{self, type_name};
+use super::errors::to_py_err;
+use crate::constraint::Constraint;
+use crate::error::Error;
 use crate::generate::GenerationParams;
 use crate::sampling::SamplingParams;
 
@@ -27,12 +30,15 @@ pub struct StreamOptions<'py> {
     pub ignore_eos: bool,
     pub details: bool,
     pub top_logprobs: i64,
+    pub json_schema: Option<Bound<'py, PyAny>>,
+    pub regex: Option<Bound<'py, PyAny>>,
+    pub grammar: Option<Bound<'py, PyAny>>,
     /// `stream()` only: the prompt string goes to the model as it is, without the chat template.
     pub raw: bool,
 }
 
 /// The keyword options a `Chat` takes (`stream()`'s, less `raw`: a chat is always templated).
-pub const CHAT_OPTIONS: [&str; 15] = [
+pub const CHAT_OPTIONS: [&str; 18] = [
     "max_tokens",
     "temperature",
     "top_p",
@@ -48,6 +54,9 @@ pub const CHAT_OPTIONS: [&str; 15] = [
     "ignore_eos",
     "details",
     "top_logprobs",
+    "json_schema",
+    "regex",
+    "grammar",
 ];
 
 impl Default for StreamOptions<'_> {
@@ -59,6 +68,7 @@ impl Default for StreamOptions<'_> {
             stop: _,
             ignore_eos,
             top_logprobs,
+            constraint: _,
         } = GenerationParams::default();
         Self {
             max_tokens: max_tokens as i64,
@@ -76,6 +86,9 @@ impl Default for StreamOptions<'_> {
             ignore_eos,
             details: false,
             top_logprobs: top_logprobs as i64,
+            json_schema: None,
+            regex: None,
+            grammar: None,
             raw: false,
         }
     }
@@ -174,6 +187,9 @@ impl<'py> StreamOptions<'py> {
                     "ignore_eos" => options.ignore_eos = boolean(&value, name)?,
                     "details" => options.details = boolean(&value, name)?,
                     "top_logprobs" => options.top_logprobs = int(&value, name)?,
+                    "json_schema" => options.json_schema = some.cloned(),
+                    "regex" => options.regex = some.cloned(),
+                    "grammar" => options.grammar = some.cloned(),
                     "raw" if caller == Caller::Stream => options.raw = boolean(&value, name)?,
                     other => {
                         let extra = if caller == Caller::Stream {
@@ -222,10 +238,81 @@ impl<'py> StreamOptions<'py> {
             stop: convert::stop_strings(self.stop.as_ref())?,
             ignore_eos: self.ignore_eos,
             top_logprobs: non_negative(self.top_logprobs, "top_logprobs")?,
+            constraint: self.constraint()?,
         };
         params
             .validate()
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(params)
     }
+
+    /// The one constraint among `json_schema`, `regex` and `grammar`, if any.
+    fn constraint(&self) -> PyResult<Option<Constraint>> {
+        let given: Vec<&str> = [
+            ("json_schema", &self.json_schema),
+            ("regex", &self.regex),
+            ("grammar", &self.grammar),
+        ]
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(name, _)| *name)
+        .collect();
+        if given.len() > 1 {
+            return Err(PyValueError::new_err(format!(
+                "{} are exclusive: give one constraint",
+                given.join(" and ")
+            )));
+        }
+        if let Some(schema) = &self.json_schema {
+            return json_schema(schema).map(Some);
+        }
+        let text = |obj: &Bound<'_, PyAny>, name: &str| -> PyResult<String> {
+            obj.extract().map_err(|_| {
+                PyTypeError::new_err(format!("{name} must be a str, got {}", type_name(obj)))
+            })
+        };
+        if let Some(regex) = &self.regex {
+            return Ok(Some(Constraint::Regex(text(regex, "regex")?)));
+        }
+        if let Some(grammar) = &self.grammar {
+            return Ok(Some(Constraint::Lark(text(grammar, "grammar")?)));
+        }
+        Ok(None)
+    }
+}
+
+/// `json_schema=`: `True` (any object), a JSON string, a dict, or anything with a
+/// `model_json_schema()` method (a pydantic model class), turned into JSON text by Python's
+/// `json`. A schema `json` cannot write (too deep, not JSON data) is a `GrammarError`.
+fn json_schema(obj: &Bound<'_, PyAny>) -> PyResult<Constraint> {
+    let py = obj.py();
+    let grammar_error = |message: String| to_py_err(py, Error::Grammar(message));
+    if obj.is_instance_of::<PyBool>() {
+        return if obj.extract::<bool>()? {
+            Ok(Constraint::json_object())
+        } else {
+            Err(PyValueError::new_err(
+                "json_schema=False constrains nothing; leave it out (or None)",
+            ))
+        };
+    }
+    if let Ok(text) = obj.cast::<PyString>() {
+        return Ok(Constraint::JsonSchema(text.extract()?));
+    }
+    let schema = if obj.hasattr("model_json_schema")? {
+        obj.call_method0("model_json_schema")?
+    } else {
+        obj.clone()
+    };
+    if !schema.is_instance_of::<PyDict>() {
+        return Err(PyTypeError::new_err(format!(
+            "json_schema must be True, a str, a dict or a class with model_json_schema(), got {}",
+            type_name(obj)
+        )));
+    }
+    let text = py
+        .import("json")?
+        .call_method1("dumps", (schema,))
+        .map_err(|e| grammar_error(format!("json_schema cannot be written as JSON: {e}")))?;
+    Ok(Constraint::JsonSchema(text.extract()?))
 }
