@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -101,3 +104,22 @@ def test_version_says_which_kernels_and_why() -> None:
     assert lines[1].startswith("kernels: ") and lines[2].startswith("build: ") and lines[3].startswith("CPU: ")
     r = run("--version", phi3_cpu="scalar")
     assert 'kernels: scalar, as PHI3_CPU="scalar" asks' in r.stdout
+
+
+def test_constraint_flags(haiku_path: str, tmp_path: Path) -> None:
+    r = run("-m", haiku_path, "--seed", "1", "--regex", "[0-9]{3}-[a-z]{2}", "Write a haiku about snow")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}\n", r.stdout), r.stdout
+    schema = tmp_path / "point.json"
+    schema.write_text(
+        json.dumps(
+            {"type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False}
+        )
+    )
+    r = run("-m", haiku_path, "--seed", "2", "--json-schema", str(schema), "Write a haiku about snow")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["x"] in (1, 2)
+    r = run("-m", haiku_path, "--regex", "(a", "Write a haiku about snow")
+    assert r.returncode == 1 and "phi3: error: constraint error" in r.stderr, r.stderr
+    r = run("-m", haiku_path, "--json", "--regex", "a", "x")
+    assert r.returncode == 2 and "not allowed with" in r.stderr

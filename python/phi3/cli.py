@@ -49,7 +49,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="tokenize the prompt as is, no chat template")
     p.add_argument("--stats", action="store_true", help="print a one-line speed summary on stderr")
     p.add_argument("--version", action="store_true", help="print the version and the CPU kernels in use, then exit")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json", action="store_true", help="answer with a JSON object")
+    constraint.add_argument("--json-schema", metavar="FILE", help="answer with JSON matching the schema in FILE")
+    constraint.add_argument("--regex", help="the whole answer matches this regular expression")
+    constraint.add_argument("--grammar", metavar="FILE", help="the answer matches the Lark grammar in FILE")
     return p
+
+
+def _constraint(args: argparse.Namespace) -> dict[str, Any]:
+    """The stream option the constraint flags give, if any (files read as UTF-8 text)."""
+    if args.json:
+        return {"json_schema": True}
+    if args.json_schema:
+        with open(args.json_schema, encoding="utf-8") as f:
+            return {"json_schema": f.read()}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.grammar:
+        with open(args.grammar, encoding="utf-8") as f:
+            return {"grammar": f.read()}
+    return {}
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -198,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         model = _load(args)
-        options = {**_sampling_options(args), "repeat_last_n": args.repeat_last_n}
+        options = {**_sampling_options(args), "repeat_last_n": args.repeat_last_n, **_constraint(args)}
         if args.prompt is None:
             _chat(model, args, options)
             return 0
