@@ -304,7 +304,11 @@ pub struct ConstraintState {
 
 impl ConstraintState {
     fn new(parser: TokenParser, ends: Vec<u32>, vocab: usize) -> Self {
-        let matcher = Matcher::new(Ok(parser)).into_cancellable();
+        Self::new_from(Matcher::new(Ok(parser)), ends, vocab)
+    }
+
+    fn new_from(matcher: Matcher, ends: Vec<u32>, vocab: usize) -> Self {
+        let matcher = matcher.into_cancellable();
         let cancel = matcher.cancellation_handle().unwrap_or_default();
         Self {
             matcher,
@@ -368,6 +372,12 @@ impl ConstraintState {
     /// Nothing more can follow: the generation ends here.
     pub fn is_complete(&self) -> bool {
         self.matcher.is_stopped()
+    }
+
+    /// An independent copy, for tests that look ahead.
+    #[cfg(test)]
+    fn fork(&self) -> Self {
+        Self::new_from(self.matcher.deep_clone(), self.ends.clone(), self.vocab)
     }
 }
 

@@ -246,3 +246,121 @@ fn nesting_counts_brackets() {
     assert_eq!(nesting("))(("), 2);
     assert_eq!(nesting(""), 0);
 }
+
+/// The per-token cost of the constraint, outside any model, by strategy: the mask at every
+/// step, or the sampler's pick checked first (the mask only when it is refused). Logits are
+/// noise; with `agree`, a token the constraint allows gets a lead first, as a model that follows
+/// the format gives it.
+#[test]
+#[ignore = "timing: CONSTRAINT_TIMING_GGUF=file cargo test --release --lib constraint_step_timing -- --ignored --nocapture"]
+fn constraint_step_timing() {
+    use crate::gguf::GgufFile;
+    use crate::sampling::Sampler;
+    use crate::tokenizer::Tokenizer;
+    use rand::{Rng, SeedableRng};
+    use std::time::{Duration, Instant};
+
+    let path = std::env::var("CONSTRAINT_TIMING_GGUF")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| fixture("phi3-vocab.gguf"));
+    let gguf = GgufFile::open(&path).unwrap();
+    let tokenizer = Arc::new(Tokenizer::from_gguf(gguf.metadata()).unwrap());
+    let vocab = tokenizer.vocab_size();
+    let grammars = Grammars::new(tokenizer);
+    let schema = Constraint::JsonSchema(
+        r#"{"type":"object","properties":{"id":{"type":"integer","minimum":0,"maximum":99999},
+        "name":{"type":"string","maxLength":24},"role":{"enum":["admin","editor","viewer"]},
+        "score":{"type":"number","minimum":0,"maximum":100},"active":{"type":"boolean"},
+        "tags":{"type":"array","items":{"type":"string","maxLength":10},"maxItems":4},
+        "address":{"type":"object","properties":{"city":{"type":"string","maxLength":20},
+        "zip":{"type":"string","pattern":"^[0-9]{5}$"},"country":{"enum":["US","DE","FR","JP"]}},
+        "required":["city","zip","country"],"additionalProperties":false}},
+        "required":["id","name","role","score","active","tags","address"],
+        "additionalProperties":false}"#
+            .into(),
+    );
+    eprintln!("{} ({vocab} tokens)", path.display());
+    let start = Instant::now();
+    grammars.start(&Constraint::Regex("a".into())).unwrap();
+    eprintln!(
+        "trie and factory: {:.0} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    for variant in 0..3 {
+        let Constraint::JsonSchema(text) = &schema else {
+            unreachable!()
+        };
+        let fresh =
+            Constraint::JsonSchema(text.replacen('{', &format!("{{\"title\":\"{variant}\","), 1));
+        let start = Instant::now();
+        grammars.start(&fresh).unwrap();
+        eprintln!(
+            "schema compile: {:.1} ms",
+            start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    for agree in [true, false] {
+        for mask_first in [true, false] {
+            let (mut spent, mut tokens, mut masks) = (Duration::ZERO, 0usize, 0usize);
+            for seed in 0..6u64 {
+                let mut state = grammars.start(&schema).unwrap();
+                let mut sampler = Sampler::new(SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(seed),
+                    ..SamplingParams::default()
+                });
+                let mut noise = rand::rngs::StdRng::seed_from_u64(seed);
+                let mut logits = vec![0f32; vocab];
+                while !state.is_complete() && tokens < 2_000 {
+                    logits
+                        .iter_mut()
+                        .for_each(|l| *l = noise.random::<f32>() * 4.0);
+                    if agree {
+                        let ahead = state.fork().mask().unwrap();
+                        let allowed: Vec<u32> =
+                            (0..vocab as u32).filter(|&t| ahead.allows(t)).collect();
+                        let pick = allowed[noise.random_range(0..allowed.len())];
+                        logits[pick as usize] += 20.0;
+                    }
+                    let start = Instant::now();
+                    let mut id = if mask_first {
+                        None
+                    } else {
+                        sampler.propose(&mut logits, &[], None)
+                    };
+                    if !matches!(id, Some(first) if state.allows(first).unwrap()) {
+                        let mask = state.mask().unwrap();
+                        masks += 1;
+                        id = sampler.propose(&mut logits, &[], Some(&|t| mask.allows(t)));
+                    }
+                    let id = id.unwrap();
+                    sampler.accept(id);
+                    state.advance(id).unwrap();
+                    spent += start.elapsed();
+                    tokens += 1;
+                    if ends_the_text(&state, id) {
+                        break;
+                    }
+                }
+            }
+            let mut baseline = Sampler::new(SamplingParams::default());
+            let mut logits = vec![0f32; vocab];
+            let start = Instant::now();
+            for _ in 0..200 {
+                baseline.sample(&mut logits, &[]);
+            }
+            let sample_us = start.elapsed().as_secs_f64() * 1e6 / 200.0;
+            eprintln!(
+                "(sampling alone {sample_us:.0} us) model agrees: {agree:5}, {:12}: {:7.1} us/token over {tokens} tokens, mask on {:.0} %",
+                if mask_first { "mask first" } else { "sample first" },
+                spent.as_secs_f64() * 1e6 / tokens as f64,
+                100.0 * masks as f64 / tokens as f64
+            );
+        }
+    }
+}
+
+/// A stop token ends the text (the constraint allowed it, so the constraint was complete).
+fn ends_the_text(state: &ConstraintState, id: u32) -> bool {
+    state.ends.contains(&id)
+}
