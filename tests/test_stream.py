@@ -195,3 +195,22 @@ def test_threads_share_one_model(haiku: Phi3) -> None:
         t.join()
     assert not errors
     assert results == [HOCKEY_ANSWER] * 4
+
+
+def test_text_since_is_text_sliced(haiku: Phi3) -> None:
+    stream = haiku.stream("Write a haiku about the sea", temperature=0, details=True, stop=["waves"])
+    read = ""
+    for _ in stream:
+        assert stream.text_since(len(read)) == stream.text[len(read) :]
+        read += stream.text_since(len(read))
+    assert read == stream.text
+    assert stream.text_since(0) == stream.text
+    assert stream.text_since(3) == stream.text[3:]
+    assert stream.text_since(10**6) == ""
+    assert stream.text_since(1) == stream.text[1:]
+    wide = haiku.stream("Write a haiku about snow", regex="[é日ß]{6}", seed=4)
+    pieces = []
+    for _ in wide:
+        pieces.append(wide.text_since(sum(len(p) for p in pieces)))
+    assert "".join(pieces) == wide.text and len(wide.text) == 6
+    assert wide.text_since(2) == wide.text[2:]

@@ -119,6 +119,9 @@ class Stream:
     @property
     def text(self) -> str:
         """The answer so far, stop strings left out (also with ``details=True``)."""
+    def text_since(self, start: int) -> str:
+        """``text[start:]``: what was released since a reader that has ``start`` characters of
+        it; costs what it returns when ``start`` only grows."""
     def close(self) -> None: ...
     def __enter__(self) -> Stream: ...
     def __exit__(

@@ -479,8 +479,8 @@ class _Choice:
 
     def take(self, token: Optional[Token]) -> tuple[str, list[dict[str, Any]]]:
         """After ``token`` (``None``: the end), the new answer text and the token's logprobs."""
-        text = self.stream.text
-        delta, self.sent = text[self.sent :], len(text)
+        delta = self.stream.text_since(self.sent)
+        self.sent += len(delta)
         entries = []
         if token is not None:
             entries = [_token_logprob(token, self.tokens == 0)]

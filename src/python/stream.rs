@@ -125,6 +125,9 @@ pub struct PyStream {
     stats: Stats,
     /// The answer released so far (with `details`, the tokens' texts less stop strings).
     text: String,
+    /// (characters, bytes) of `text` up to where `text_since` last ended, so that reading the
+    /// answer piece by piece costs O(answer), not O(answer²).
+    since: (usize, usize),
 }
 
 impl PyStream {
@@ -136,6 +139,7 @@ impl PyStream {
             details,
             stats,
             text: String::new(),
+            since: (0, 0),
         }
     }
 
@@ -229,6 +233,27 @@ impl PyStream {
     #[getter]
     fn text(&self) -> &str {
         &self.text
+    }
+
+    /// The answer from its `start`-th character on: what was released since a reader that has
+    /// `start` characters of it. O(what is returned) when `start` only grows.
+    fn text_since(&mut self, start: usize) -> &str {
+        let (mut chars, mut byte) = self.since;
+        if start < chars {
+            (chars, byte) = (0, 0);
+        }
+        match self.text[byte..].char_indices().nth(start - chars) {
+            Some((i, _)) => {
+                let tail = &self.text[byte + i..];
+                self.since = (start + tail.chars().count(), self.text.len());
+                tail
+            }
+            // The reader has it all (or claims more than there is).
+            None => {
+                self.since = (chars + self.text[byte..].chars().count(), self.text.len());
+                ""
+            }
+        }
     }
 
     /// Counts and speeds so far; complete once the iterator is exhausted.
