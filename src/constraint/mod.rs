@@ -278,7 +278,7 @@ fn compile_and_probe(
             InferenceCapabilities::default(),
             limits(),
         )
-        .map_err(|e| Error::Grammar(format!("{kind}: {e}")))?;
+        .map_err(|e| Error::Grammar(format!("{kind}: {}", llguidance_message(&e.to_string()))))?;
     // The first mask proves the constraint can produce something, and makes a lexer that
     // blows its budget fail here rather than at the first token.
     let mut probe = ConstraintState::new(parser.deep_clone(), Vec::new(), usize::MAX);
@@ -331,7 +331,7 @@ impl ConstraintState {
                     STEP_TIME_LIMIT.as_millis()
                 ))
             } else {
-                Error::Grammar(e.to_string())
+                Error::Grammar(llguidance_message(&e.to_string()))
             }
         })
     }
@@ -379,6 +379,17 @@ impl ConstraintState {
     fn fork(&self) -> Self {
         Self::new_from(self.matcher.deep_clone(), self.ends.clone(), self.vocab)
     }
+}
+
+/// llguidance's error text, less its marker for the details it was told to leave out, and
+/// with its name for "no token can follow" said in words.
+fn llguidance_message(message: &str) -> String {
+    let message = message.replace("<non-verbose/>", "");
+    let message = message.trim();
+    if message == "NoExtensionBias" {
+        return "no text can be generated from here (nothing the constraint allows follows)".into();
+    }
+    message.to_string()
 }
 
 /// The tokens allowed at one step.
