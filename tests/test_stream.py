@@ -214,3 +214,13 @@ def test_text_since_is_text_sliced(haiku: Phi3) -> None:
         pieces.append(wide.text_since(sum(len(p) for p in pieces)))
     assert "".join(pieces) == wide.text and len(wide.text) == 6
     assert wide.text_since(2) == wide.text[2:]
+
+
+def test_a_pickled_model_reopens_and_answers_alike(haiku: Phi3) -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(haiku))
+    assert copy is not haiku and copy.path == haiku.path
+    assert (copy.threads, copy.context_length, copy.max_batch) == (haiku.threads, haiku.context_length, haiku.max_batch)
+    prompt = "Write a haiku about autumn"
+    assert copy.generate(prompt, temperature=0) == haiku.generate(prompt, temperature=0)

@@ -157,8 +157,12 @@ class Phi3:
     ``cache_bytes`` bounds the pool of finished generations' KV caches that later prompts
     starting the same way reuse (default 1 GiB, 0 turns it off); ``max_batch`` is how many
     streams share one pass over the weights (default 8; more wait for a place).
+
+    A ``Phi3`` pickles as its file and options: unpickling re-opens the model (for Ray tasks and
+    multiprocessing).
     """
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]: ...
     def __new__(
         cls,
         model: Union[str, os.PathLike[str], None] = None,

@@ -30,6 +30,8 @@ enum ModelSource {
 #[pyclass(name = "Phi3", module = "phi3", frozen)]
 pub struct PyPhi3 {
     engine: Arc<Engine>,
+    /// What it was loaded with, so that a pickled model re-opens the same way.
+    options: EngineOptions,
 }
 
 /// `os.fspath(obj)` for str and path-like objects.
@@ -189,7 +191,27 @@ impl PyPhi3 {
         })?;
         Ok(Self {
             engine: Arc::new(engine),
+            options,
         })
+    }
+
+    /// Pickling: the model re-opens from its file (a hub download is its cached file) with the
+    /// options it was loaded with, in the process that unpickles it. Nothing else is carried.
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
+        let kwargs = PyDict::new(py);
+        let o = &self.options;
+        kwargs.set_item("threads", o.threads)?;
+        kwargs.set_item("context_length", o.context_length)?;
+        kwargs.set_item("cache_bytes", o.cache_bytes)?;
+        kwargs.set_item("max_batch", o.max_batch)?;
+        let tokenizer = o.tokenizer.as_ref().map(|t| t.display().to_string());
+        kwargs.set_item("tokenizer", tokenizer)?;
+        let class = py.get_type::<Self>();
+        let reopen = py
+            .import("functools")?
+            .getattr("partial")?
+            .call((class,), Some(&kwargs))?;
+        Ok((reopen, (self.engine.path().display().to_string(),)))
     }
 
     /// Starts generating an answer to `prompt`; iterate the result for text pieces. The

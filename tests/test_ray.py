@@ -1,0 +1,109 @@
+"""phi3 on a local Ray instance: two Serve replicas of the tiny model behind one OpenAI endpoint
+(through Serve's own HTTP proxy, with the official client).
+Skipped when Ray is not installed (pip install "phi3[ray]")."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from phi3 import Phi3
+
+ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "phi3[ray]")')
+openai = pytest.importorskip("openai", reason="the openai client is not installed")
+serve = pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "phi3[ray]")')
+phi3_ray = pytest.importorskip("phi3.ray")
+
+MODEL_ID = "tiny-phi3-haiku-q4_k_m"
+TOPICS = ["rain", "snow", "the sea", "autumn", "a cat", "ice hockey", "the moon", "a river"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    # Logical CPUs: one per replica, on whatever the host has.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def endpoint(cluster: None, haiku_path: str) -> str:
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(phi3_ray.build_app(haiku_path, num_replicas=2, threads=1), name="phi3", route_prefix="/")
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def _client(endpoint: str) -> Any:
+    return openai.OpenAI(base_url=endpoint, api_key="none", timeout=60.0, max_retries=0)
+
+
+def _messages(topic: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write a haiku about {topic}"}]
+
+
+def test_replicas_answer_as_phi3_does(endpoint: str, haiku: Phi3) -> None:
+    client = _client(endpoint)
+    want = haiku.generate(_messages("ice hockey"), temperature=0)
+    r = client.chat.completions.create(model=MODEL_ID, messages=_messages("ice hockey"), temperature=0)
+    assert r.choices[0].message.content == want
+    messages = _messages("ice hockey")
+    chunks = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+
+
+def _replica_of(client: Any, topic: str, answers: dict[str, tuple[str, str]]) -> None:
+    raw = client.chat.completions.with_raw_response.create(model=MODEL_ID, messages=_messages(topic), temperature=0)
+    answers[topic] = (raw.headers[phi3_ray.REPLICA_HEADER], str(raw.parse().choices[0].message.content))
+
+
+def test_concurrent_requests_spread_over_both_replicas(endpoint: str, haiku: Phi3) -> None:
+    client = _client(endpoint)
+    answers: dict[str, tuple[str, str]] = {}
+    threads = [threading.Thread(target=_replica_of, args=(client, topic, answers)) for topic in TOPICS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {topic: answer for topic, (_, answer) in answers.items()} == {
+        topic: haiku.generate(_messages(topic), temperature=0) for topic in TOPICS
+    }
+    assert len({replica for replica, _ in answers.values()}) == 2
+
+
+def test_a_killed_replica_is_replaced_and_requests_go_on(endpoint: str) -> None:
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+    assert len(replicas) == 2
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    client = _client(endpoint)
+    for topic in TOPICS[:4]:
+        r = client.chat.completions.create(model=MODEL_ID, messages=_messages(topic), temperature=0, max_tokens=8)
+        assert r.choices[0].message.content
+    # Serve starts a replacement: two replicas again, within a bound.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = serve.status().applications["phi3"]
+        if status.status == "RUNNING" and status.deployments["phi3"].replica_states.get("RUNNING", 0) == 2:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no replacement replica: {serve.status()}")
+
+
+def test_bad_arguments(haiku_path: str) -> None:
+    with pytest.raises(ValueError, match="num_replicas"):
+        phi3_ray.build_app(haiku_path, num_replicas=0)
