@@ -819,39 +819,16 @@ mod tests {
     use std::collections::HashMap;
     use std::io::{BufRead, BufReader, Write};
     use std::net::{SocketAddr, TcpListener, TcpStream};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
+    use tempfile::TempDir;
+
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
     const ETAG: &str = "5d41402abc4b2a76b9719d911017c592aaaaaaaa";
     const CDN_ETAG: &str = "1f2e3d4c5b6a79880123456789abcdef00112233";
-
-    /// A folder under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = std::env::temp_dir().join(format!(
-                "phi3-hub-{tag}-{}-{n}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos())
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     /// What the fake hub serves at a path.
     #[derive(Clone)]
@@ -1141,7 +1118,7 @@ mod tests {
     fn config(endpoint: String, cache: &TempDir) -> HubConfig {
         HubConfig {
             endpoint,
-            cache_dir: cache.0.join("hub"),
+            cache_dir: cache.path().join("hub"),
             token: None,
             offline: false,
             metadata_timeout: Duration::from_secs(5),
@@ -1166,7 +1143,7 @@ mod tests {
                 etag: ETAG,
             },
         )]));
-        let cache = TempDir::new("download");
+        let cache = TempDir::new().unwrap();
         let mut cfg = config(hub.endpoint(), &cache);
         cfg.token = Some("hf_secret".into());
 
@@ -1241,7 +1218,7 @@ mod tests {
                 etag: CDN_ETAG,
             },
         )]));
-        let cache = TempDir::new("redirect");
+        let cache = TempDir::new().unwrap();
         let cfg = config(hub2.endpoint(), &cache);
         // With the progress bar: indicatif draws it on stderr, hidden when that is not a terminal.
         let path = fetch_with(&cfg, "owner/lfs", "big.gguf", "main", true).unwrap();
@@ -1263,7 +1240,7 @@ mod tests {
                 etag: ETAG,
             },
         )]));
-        let cache = TempDir::new("subfolder");
+        let cache = TempDir::new().unwrap();
         let mut cfg = config(hub.endpoint(), &cache);
         let path = fetch_with(&cfg, "owner/model", "q4/model.gguf", "refs/pr/1", false).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), body);
@@ -1294,7 +1271,7 @@ mod tests {
                 Route::Status(500, ""),
             ),
         ]));
-        let cache = TempDir::new("errors");
+        let cache = TempDir::new().unwrap();
         let cfg = config(hub.endpoint(), &cache);
         let fail =
             |repo: &str, file: &str| hub_message(fetch_with(&cfg, repo, file, "main", false));
@@ -1323,7 +1300,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let cache = TempDir::new("refused");
+        let cache = TempDir::new().unwrap();
         let cfg = config(format!("http://{addr}"), &cache);
         let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
         assert!(
@@ -1338,7 +1315,7 @@ mod tests {
             "/owner/model/resolve/main/m.gguf".to_string(),
             Route::Cdn(test_bytes(10)),
         )]));
-        let cache = TempDir::new("nothub");
+        let cache = TempDir::new().unwrap();
         let cfg = config(hub.endpoint(), &cache);
         let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
         assert!(msg.contains("HF_ENDPOINT"), "{msg}");
@@ -1390,13 +1367,13 @@ mod tests {
             ("main", ETAG, "X-Repo-Commit"),
         ] {
             let hub = hostile(commit, etag, Misbehaviour::None);
-            let cache = TempDir::new("names");
+            let cache = TempDir::new().unwrap();
             let cfg = config(hub.endpoint(), &cache);
             let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
             assert!(msg.contains(header) && msg.contains("HF_ENDPOINT"), "{msg}");
             // Refused before anything was written.
             assert!(!cfg.cache_dir.exists(), "{commit} {etag}");
-            assert_eq!(outside_the_cache(&cache.0), Vec::<PathBuf>::new());
+            assert_eq!(outside_the_cache(cache.path()), Vec::<PathBuf>::new());
         }
     }
 
@@ -1404,7 +1381,7 @@ mod tests {
     fn a_stalled_download_times_out_and_resumes_later() {
         let body = test_bytes(100_000);
         let hub = hostile(COMMIT, ETAG, Misbehaviour::Stall);
-        let cache = TempDir::new("stall");
+        let cache = TempDir::new().unwrap();
         let mut cfg = config(hub.endpoint(), &cache);
         cfg.download_timeout = Duration::from_millis(500);
         let start = Instant::now();
@@ -1431,7 +1408,7 @@ mod tests {
     fn a_silent_server_times_out() {
         // Connections are accepted by the kernel, never answered.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let cache = TempDir::new("silent");
+        let cache = TempDir::new().unwrap();
         let mut cfg = config(format!("http://{}", listener.local_addr().unwrap()), &cache);
         cfg.metadata_timeout = Duration::from_millis(500);
         let start = Instant::now();
@@ -1447,7 +1424,7 @@ mod tests {
     #[test]
     fn sizes_past_the_announced_one_or_the_disk_are_refused() {
         let hub = hostile(COMMIT, ETAG, Misbehaviour::Overflow);
-        let cache = TempDir::new("overflow");
+        let cache = TempDir::new().unwrap();
         let cfg = config(hub.endpoint(), &cache);
         let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
         assert!(msg.contains("more of m.gguf than the 50000 bytes"), "{msg}");
@@ -1458,7 +1435,7 @@ mod tests {
         assert!(std::fs::metadata(&part).unwrap().len() <= 50_000);
 
         let hub = hostile(COMMIT, ETAG, Misbehaviour::Huge);
-        let cache = TempDir::new("huge");
+        let cache = TempDir::new().unwrap();
         let cfg = config(hub.endpoint(), &cache);
         let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
         assert!(msg.contains("bytes free"), "{msg}");
@@ -1475,7 +1452,7 @@ mod tests {
             "/owner/model/resolve/main/m.gguf".to_string(),
             Route::Loop,
         )]));
-        let cache = TempDir::new("loop");
+        let cache = TempDir::new().unwrap();
         let cfg = config(hub.endpoint(), &cache);
         let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
         assert!(msg.contains("redirected more than 10 times"), "{msg}");
@@ -1486,7 +1463,7 @@ mod tests {
     fn an_interrupted_download_resumes() {
         let body = test_bytes(100_000);
         let hub = hostile(COMMIT, ETAG, Misbehaviour::CutOnce(Arc::default()));
-        let cache = TempDir::new("resume");
+        let cache = TempDir::new().unwrap();
         let cfg = config(hub.endpoint(), &cache);
         let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
         assert!(
@@ -1510,7 +1487,7 @@ mod tests {
         // download starts over.
         for (extra, requests) in [(0, 2), (10, 3)] {
             let before = hub.requests().len();
-            let cache = TempDir::new("part");
+            let cache = TempDir::new().unwrap();
             let cfg = config(hub.endpoint(), &cache);
             let blobs = cfg.cache_dir.join("models--owner--model/blobs");
             std::fs::create_dir_all(&blobs).unwrap();
@@ -1525,7 +1502,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_rejected_by_name() {
-        let cache = TempDir::new("args");
+        let cache = TempDir::new().unwrap();
         // Offline and empty: a valid request would fail with Error::Hub, never reach a network.
         let mut cfg = config("http://127.0.0.1:9".into(), &cache);
         cfg.offline = true;
@@ -1583,9 +1560,9 @@ mod tests {
 
     #[test]
     fn config_follows_the_huggingface_hub_variables() {
-        let dir = TempDir::new("env");
-        std::fs::write(dir.0.join("token"), "hf_from_file\n").unwrap();
-        let dir_str = dir.0.to_str().unwrap().to_string();
+        let dir = TempDir::new().unwrap();
+        std::fs::write(dir.path().join("token"), "hf_from_file\n").unwrap();
+        let dir_str = dir.path().to_str().unwrap().to_string();
         let from = |vars: &[(&str, &str)]| {
             let vars: HashMap<String, OsString> = vars
                 .iter()
@@ -1610,7 +1587,7 @@ mod tests {
             ("HF_HUB_OFFLINE", "1"),
         ]);
         assert_eq!(cfg.endpoint, "http://mirror.local");
-        assert_eq!(cfg.cache_dir, dir.0.join("hub"));
+        assert_eq!(cfg.cache_dir, dir.path().join("hub"));
         assert_eq!(cfg.token.as_deref(), Some("hf_from_file"));
         assert!(cfg.offline);
 

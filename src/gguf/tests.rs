@@ -7,8 +7,7 @@
 //! derive from the shared tiny fixture at test time (nothing binary is committed).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
@@ -350,25 +349,14 @@ fn assert_rejected(bytes: &[u8], needles: &[&str]) {
     }
 }
 
-static TEMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A temp file path unique to this process and call, removed on drop.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new(tag: &str) -> Self {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(std::env::temp_dir().join(format!(
-            "phi3-gguf-test-{}-{tag}-{n}.gguf",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// A temp file path, removed on drop.
+fn temp_gguf() -> tempfile::TempPath {
+    tempfile::Builder::new()
+        .prefix("phi3-gguf-test-")
+        .suffix(".gguf")
+        .tempfile()
+        .unwrap()
+        .into_temp_path()
 }
 
 fn open_bytes(bytes: &[u8], path: &Path) -> Result<GgufFile> {
@@ -378,8 +366,8 @@ fn open_bytes(bytes: &[u8], path: &Path) -> Result<GgufFile> {
 
 /// Writes `bytes` to a temp file, opens it and loads the model for `context` positions.
 fn load(bytes: &[u8], context: Option<usize>) -> Result<Phi3Model> {
-    let path = TempPath::new("load");
-    let file = open_bytes(bytes, &path.0)?;
+    let path = temp_gguf();
+    let file = open_bytes(bytes, &path)?;
     Phi3Model::load(&Arc::new(file), context)
 }
 
@@ -716,12 +704,9 @@ fn header_only_files() {
     claims.tensor_count = Some(1);
     assert_rejected(&claims.build(), &["tensor count 1", "truncated"]);
     // Files shorter than a header are refused before mapping.
-    let path = TempPath::new("short");
+    let path = temp_gguf();
     for len in [0, 1, 23] {
-        let err = open_bytes(&empty[..len], &path.0)
-            .err()
-            .unwrap()
-            .to_string();
+        let err = open_bytes(&empty[..len], &path).err().unwrap().to_string();
         assert!(err.contains("too short for a GGUF header"), "{err}");
     }
 }
@@ -1501,8 +1486,8 @@ fn float_tensors_of_odd_sizes_load() {
         .tensor("f", &[1, 3], F32, &[0; 12])
         .tensor("q", &[32, 3], Q8_0, &[0; 3 * 34])
         .build();
-    let path = TempPath::new("odd");
-    let file = Arc::new(open_bytes(&bytes, &path.0).unwrap());
+    let path = temp_gguf();
+    let file = Arc::new(open_bytes(&bytes, &path).unwrap());
     for t in file.tensors() {
         assert_eq!(t.offset % 32, 0, "{}", t.name);
         assert_eq!(file.tensor_data(t).len(), t.size_bytes);
@@ -1717,7 +1702,7 @@ fn fuzz(
     first_seed: u64,
     cases: usize,
 ) -> FuzzStats {
-    let path = TempPath::new("fuzz");
+    let path = temp_gguf();
     let mut stats = FuzzStats::default();
     let mut failures = Vec::new();
     for seed in first_seed..first_seed + cases as u64 {
@@ -1730,8 +1715,7 @@ fn fuzz(
             apply(&mut bytes, m);
         }
         stats.cases += 1;
-        if let Err(payload) =
-            catch_unwind(AssertUnwindSafe(|| run_case(&bytes, &path.0, &mut stats)))
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| run_case(&bytes, &path, &mut stats)))
         {
             failures.push(format!(
                 "seed {seed}: {mutations:?}: {}",
