@@ -9,4 +9,6 @@ pub use metadata::{Metadata, Value};
 pub use reader::{GgufFile, TensorInfo};
 
 #[cfg(test)]
+mod test_writer;
+#[cfg(test)]
 mod tests;

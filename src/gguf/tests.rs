@@ -3,20 +3,23 @@
 //! loading and one forward step. Each must end in an error that names the problem (and the key
 //! or tensor at fault), never a panic, and never a large allocation.
 //!
-//! Files are built in memory by a small test-only GGUF writer ([`Gguf`]); the corrupted models
+//! Files are built in memory by a small test-only GGUF writer ([`Gguf`], in `test_writer.rs`);
+//! the corrupted models
 //! derive from the shared tiny fixture at test time (nothing binary is committed).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 
 use super::names::{self, hparams, tensors as tn, tokenizer as tk};
 use super::reader::{
-    dtype_from_id, parse, GgufFile, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KV, MAX_METADATA_ITEMS,
-    MAX_STRING_BYTES, MAX_TENSORS,
+    parse, GgufFile, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KV, MAX_METADATA_ITEMS, MAX_STRING_BYTES,
+    MAX_TENSORS,
+};
+use super::test_writer::{
+    s, type_id_of, Gguf, F16, F32, Q4_0, Q8_0, T_ARRAY, T_STRING, T_U32, T_U64, T_U8, V,
 };
 use super::Value;
 use crate::error::{Error, Result};
@@ -26,292 +29,6 @@ use crate::test_support::{allocations, fixture};
 use crate::tokenizer::Tokenizer;
 
 const TINY_FIXTURE: &str = "tiny-phi3-haiku-q4_k_m.gguf";
-
-// GGUF value type ids.
-const T_U8: u32 = 0;
-const T_U32: u32 = 4;
-const T_STRING: u32 = 8;
-const T_ARRAY: u32 = 9;
-const T_U64: u32 = 10;
-
-// ggml tensor type ids.
-const F32: u32 = 0;
-const F16: u32 = 1;
-const Q4_0: u32 = 2;
-const Q8_0: u32 = 8;
-
-// ---------------------------------------------------------------------------------------------
-// A test-only GGUF writer.
-
-/// One metadata value to write. `Bytes` is a string of arbitrary (possibly invalid UTF-8) bytes;
-/// `Raw` writes any type id followed by any payload.
-#[derive(Clone, Debug)]
-enum V {
-    U8(u8),
-    I8(i8),
-    U16(u16),
-    I16(i16),
-    U32(u32),
-    I32(i32),
-    F32(f32),
-    Bool(bool),
-    Str(String),
-    Bytes(Vec<u8>),
-    /// Item type id, items.
-    Arr(u32, Vec<V>),
-    U64(u64),
-    I64(i64),
-    F64(f64),
-    Raw(u32, Vec<u8>),
-}
-
-fn s(text: &str) -> V {
-    V::Str(text.to_string())
-}
-
-fn put_str(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend((bytes.len() as u64).to_le_bytes());
-    out.extend(bytes);
-}
-
-impl V {
-    fn type_id(&self) -> u32 {
-        match self {
-            V::U8(_) => 0,
-            V::I8(_) => 1,
-            V::U16(_) => 2,
-            V::I16(_) => 3,
-            V::U32(_) => 4,
-            V::I32(_) => 5,
-            V::F32(_) => 6,
-            V::Bool(_) => 7,
-            V::Str(_) | V::Bytes(_) => 8,
-            V::Arr(..) => 9,
-            V::U64(_) => 10,
-            V::I64(_) => 11,
-            V::F64(_) => 12,
-            V::Raw(t, _) => *t,
-        }
-    }
-
-    /// The payload, without the type id.
-    fn encode(&self, out: &mut Vec<u8>) {
-        match self {
-            V::U8(v) => out.push(*v),
-            V::I8(v) => out.extend(v.to_le_bytes()),
-            V::U16(v) => out.extend(v.to_le_bytes()),
-            V::I16(v) => out.extend(v.to_le_bytes()),
-            V::U32(v) => out.extend(v.to_le_bytes()),
-            V::I32(v) => out.extend(v.to_le_bytes()),
-            V::F32(v) => out.extend(v.to_le_bytes()),
-            V::Bool(v) => out.push(*v as u8),
-            V::Str(v) => put_str(out, v.as_bytes()),
-            V::Bytes(v) => put_str(out, v),
-            V::Arr(item_type, items) => {
-                out.extend(item_type.to_le_bytes());
-                out.extend((items.len() as u64).to_le_bytes());
-                // Items are payloads only (a nested array: its item type, count, items).
-                for item in items {
-                    item.encode(out);
-                }
-            }
-            V::U64(v) => out.extend(v.to_le_bytes()),
-            V::I64(v) => out.extend(v.to_le_bytes()),
-            V::F64(v) => out.extend(v.to_le_bytes()),
-            V::Raw(_, payload) => out.extend(payload),
-        }
-    }
-
-    /// The parsed value back as a writable one (arrays take their first item's type).
-    fn from_value(value: &Value) -> V {
-        match value {
-            Value::U8(v) => V::U8(*v),
-            Value::I8(v) => V::I8(*v),
-            Value::U16(v) => V::U16(*v),
-            Value::I16(v) => V::I16(*v),
-            Value::U32(v) => V::U32(*v),
-            Value::I32(v) => V::I32(*v),
-            Value::U64(v) => V::U64(*v),
-            Value::I64(v) => V::I64(*v),
-            Value::F32(v) => V::F32(*v),
-            Value::F64(v) => V::F64(*v),
-            Value::Bool(v) => V::Bool(*v),
-            Value::String(v) => V::Str(v.clone()),
-            Value::Array(items) => {
-                let items: Vec<V> = items.iter().map(V::from_value).collect();
-                V::Arr(items.first().map_or(T_U8, V::type_id), items)
-            }
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-struct TensorSpec {
-    name: Vec<u8>,
-    dims: Vec<u64>,
-    type_id: u32,
-    /// Relative to the start of the data section.
-    offset: u64,
-}
-
-/// A GGUF file under construction. Counts default to the real ones; tensor data is appended
-/// at aligned offsets.
-#[derive(Clone, Debug)]
-struct Gguf {
-    magic: [u8; 4],
-    version: u32,
-    tensor_count: Option<u64>,
-    kv_count: Option<u64>,
-    kvs: Vec<(Vec<u8>, V)>,
-    tensors: Vec<TensorSpec>,
-    /// Padding of the data section and of each tensor's data (not written as metadata).
-    alignment: usize,
-    data: Vec<u8>,
-}
-
-impl Gguf {
-    fn new() -> Self {
-        Self {
-            magic: *b"GGUF",
-            version: 3,
-            tensor_count: None,
-            kv_count: None,
-            kvs: Vec::new(),
-            tensors: Vec::new(),
-            alignment: 32,
-            data: Vec::new(),
-        }
-    }
-
-    /// Adds a pair, whether or not the key is there already.
-    fn push(mut self, key: impl AsRef<[u8]>, value: V) -> Self {
-        self.kvs.push((key.as_ref().to_vec(), value));
-        self
-    }
-
-    /// Sets `key` to `value`, in place if present.
-    fn set(mut self, key: &str, value: V) -> Self {
-        match self.kvs.iter_mut().find(|(k, _)| k == key.as_bytes()) {
-            Some(kv) => kv.1 = value,
-            None => self.kvs.push((key.as_bytes().to_vec(), value)),
-        }
-        self
-    }
-
-    fn without(mut self, key: &str) -> Self {
-        self.kvs.retain(|(k, _)| k != key.as_bytes());
-        self
-    }
-
-    /// A tensor info alone, at any offset, with no data.
-    fn tensor_info(
-        mut self,
-        name: impl AsRef<[u8]>,
-        dims: &[u64],
-        type_id: u32,
-        offset: u64,
-    ) -> Self {
-        self.tensors.push(TensorSpec {
-            name: name.as_ref().to_vec(),
-            dims: dims.to_vec(),
-            type_id,
-            offset,
-        });
-        self
-    }
-
-    /// A tensor with its data, appended at the next aligned offset (replacing any tensor of
-    /// the same name, in place; its old data stays as unused bytes).
-    fn tensor(mut self, name: &str, dims: &[u64], type_id: u32, data: &[u8]) -> Self {
-        let offset = self.data.len().next_multiple_of(self.alignment);
-        self.data.resize(offset, 0);
-        self.data.extend(data);
-        let spec = TensorSpec {
-            name: name.as_bytes().to_vec(),
-            dims: dims.to_vec(),
-            type_id,
-            offset: offset as u64,
-        };
-        match self.tensors.iter_mut().find(|t| t.name == name.as_bytes()) {
-            Some(t) => *t = spec,
-            None => self.tensors.push(spec),
-        }
-        self
-    }
-
-    fn f32_tensor(self, name: &str, dims: &[u64], values: &[f32]) -> Self {
-        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.tensor(name, dims, F32, &data)
-    }
-
-    fn without_tensor(mut self, name: &str) -> Self {
-        self.tensors.retain(|t| t.name != name.as_bytes());
-        self
-    }
-
-    /// Everything up to the end of the tensor infos.
-    fn header(&self) -> Vec<u8> {
-        self.header_and_fields().0
-    }
-
-    /// The header and where its numeric fields start: counts, string lengths, value types,
-    /// scalar values, array types and lengths, dimension counts, dimensions, tensor types and
-    /// offsets (what the fuzz loop overwrites with interesting numbers).
-    fn header_and_fields(&self) -> (Vec<u8>, Vec<usize>) {
-        let mut fields = vec![8, 16];
-        let mut out = Vec::new();
-        out.extend(self.magic);
-        out.extend(self.version.to_le_bytes());
-        out.extend(
-            self.tensor_count
-                .unwrap_or(self.tensors.len() as u64)
-                .to_le_bytes(),
-        );
-        out.extend(self.kv_count.unwrap_or(self.kvs.len() as u64).to_le_bytes());
-        for (key, value) in &self.kvs {
-            fields.push(out.len());
-            put_str(&mut out, key);
-            fields.push(out.len());
-            out.extend(value.type_id().to_le_bytes());
-            fields.push(out.len());
-            if let V::Arr(..) = value {
-                fields.push(out.len() + 4);
-            }
-            value.encode(&mut out);
-        }
-        for t in &self.tensors {
-            fields.push(out.len());
-            put_str(&mut out, &t.name);
-            fields.push(out.len());
-            out.extend((t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                fields.push(out.len());
-                out.extend(d.to_le_bytes());
-            }
-            fields.push(out.len());
-            out.extend(t.type_id.to_le_bytes());
-            fields.push(out.len());
-            out.extend(t.offset.to_le_bytes());
-        }
-        (out, fields)
-    }
-
-    fn build(&self) -> Vec<u8> {
-        let mut out = self.header();
-        if !self.tensors.is_empty() || !self.data.is_empty() {
-            out.resize(out.len().next_multiple_of(self.alignment), 0);
-            out.extend(&self.data);
-        }
-        out
-    }
-}
-
-/// ggml's type id of `dtype`.
-fn type_id_of(dtype: GgmlDType) -> u32 {
-    (0..64)
-        .find(|&id| dtype_from_id(id) == Some(dtype))
-        .unwrap()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -350,25 +67,14 @@ fn assert_rejected(bytes: &[u8], needles: &[&str]) {
     }
 }
 
-static TEMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A temp file path unique to this process and call, removed on drop.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new(tag: &str) -> Self {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(std::env::temp_dir().join(format!(
-            "phi3-gguf-test-{}-{tag}-{n}.gguf",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// A temp file path, removed on drop.
+fn temp_gguf() -> tempfile::TempPath {
+    tempfile::Builder::new()
+        .prefix("phi3-gguf-test-")
+        .suffix(".gguf")
+        .tempfile()
+        .unwrap()
+        .into_temp_path()
 }
 
 fn open_bytes(bytes: &[u8], path: &Path) -> Result<GgufFile> {
@@ -378,8 +84,8 @@ fn open_bytes(bytes: &[u8], path: &Path) -> Result<GgufFile> {
 
 /// Writes `bytes` to a temp file, opens it and loads the model for `context` positions.
 fn load(bytes: &[u8], context: Option<usize>) -> Result<Phi3Model> {
-    let path = TempPath::new("load");
-    let file = open_bytes(bytes, &path.0)?;
+    let path = temp_gguf();
+    let file = open_bytes(bytes, &path)?;
     Phi3Model::load(&Arc::new(file), context)
 }
 
@@ -716,12 +422,9 @@ fn header_only_files() {
     claims.tensor_count = Some(1);
     assert_rejected(&claims.build(), &["tensor count 1", "truncated"]);
     // Files shorter than a header are refused before mapping.
-    let path = TempPath::new("short");
+    let path = temp_gguf();
     for len in [0, 1, 23] {
-        let err = open_bytes(&empty[..len], &path.0)
-            .err()
-            .unwrap()
-            .to_string();
+        let err = open_bytes(&empty[..len], &path).err().unwrap().to_string();
         assert!(err.contains("too short for a GGUF header"), "{err}");
     }
 }
@@ -1501,8 +1204,8 @@ fn float_tensors_of_odd_sizes_load() {
         .tensor("f", &[1, 3], F32, &[0; 12])
         .tensor("q", &[32, 3], Q8_0, &[0; 3 * 34])
         .build();
-    let path = TempPath::new("odd");
-    let file = Arc::new(open_bytes(&bytes, &path.0).unwrap());
+    let path = temp_gguf();
+    let file = Arc::new(open_bytes(&bytes, &path).unwrap());
     for t in file.tensors() {
         assert_eq!(t.offset % 32, 0, "{}", t.name);
         assert_eq!(file.tensor_data(t).len(), t.size_bytes);
@@ -1717,7 +1420,7 @@ fn fuzz(
     first_seed: u64,
     cases: usize,
 ) -> FuzzStats {
-    let path = TempPath::new("fuzz");
+    let path = temp_gguf();
     let mut stats = FuzzStats::default();
     let mut failures = Vec::new();
     for seed in first_seed..first_seed + cases as u64 {
@@ -1730,8 +1433,7 @@ fn fuzz(
             apply(&mut bytes, m);
         }
         stats.cases += 1;
-        if let Err(payload) =
-            catch_unwind(AssertUnwindSafe(|| run_case(&bytes, &path.0, &mut stats)))
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| run_case(&bytes, &path, &mut stats)))
         {
             failures.push(format!(
                 "seed {seed}: {mutations:?}: {}",

@@ -248,13 +248,6 @@ fn tokenizer_is_send_and_sync() {
 
 // --- tokenizer.json -----------------------------------------------------------------------
 
-/// A fresh directory for one test's files.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("phi3-tokenizer-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn added(id: u32, content: &str) -> serde_json::Value {
     serde_json::json!({
         "id": id, "content": content, "single_word": false, "lstrip": false,
@@ -288,16 +281,16 @@ fn tokenizer_json_sentencepiece_style() {
             "byte_fallback": true, "vocab": vocab,
             "merges": ["▁ h", "▁h e", "l l", "▁he ll", "▁hell o"]}
     });
-    let dir = temp_dir("spm");
-    let path = dir.join("tokenizer.json");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, json.to_string()).unwrap();
     std::fs::write(
-        dir.join("tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
         r#"{"add_bos_token": true, "bos_token": "<s>", "eos_token": {"content": "</s>"}}"#,
     )
     .unwrap();
     let t = Arc::new(Tokenizer::from_tokenizer_json(&path).unwrap());
-    std::fs::remove_dir_all(&dir).unwrap();
+    dir.close().unwrap();
 
     assert_eq!(t.vocab_size(), 19);
     assert_eq!((t.bos_id(), t.eos_id()), (Some(1), Some(2)));
@@ -342,11 +335,11 @@ fn tokenizer_json_byte_level() {
             "byte_fallback": false, "vocab": vocab,
             "merges": ["Ġ h", "h e", "Ġh e", "l l", "he ll", "Ġhe ll", "hell o", "Ġhell o"]}
     });
-    let dir = temp_dir("bpe");
-    let path = dir.join("tokenizer.json");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, json.to_string()).unwrap();
     let t = Arc::new(Tokenizer::from_tokenizer_json(&path).unwrap());
-    std::fs::remove_dir_all(&dir).unwrap();
+    dir.close().unwrap();
 
     assert!(!t.add_bos_default() && !t.strips_leading_space());
     assert_eq!((t.bos_id(), t.eos_id()), (Some(14), Some(14)));
@@ -368,14 +361,14 @@ fn tokenizer_json_errors() {
         Tokenizer::from_tokenizer_json(&missing),
         Err(Error::FileNotFound(_))
     ));
-    let dir = temp_dir("bad");
-    let path = dir.join("tokenizer.json");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, r#"{"model": 3}"#).unwrap();
     let err = Tokenizer::from_tokenizer_json(&path)
         .err()
         .unwrap()
         .to_string();
-    std::fs::remove_dir_all(&dir).unwrap();
+    dir.close().unwrap();
     assert!(err.contains("tokenizer.json"), "{err}");
 }
 
