@@ -378,7 +378,8 @@ impl Generation {
 
     /// The next token. Under a constraint the sampler's pick is checked first, which costs a
     /// walk of one token's bytes; only a refused pick pays for the whole mask and a second
-    /// draw among the allowed tokens (the same distribution as masking first).
+    /// draw among the allowed tokens. Without top-k, top-p or min-p that is the distribution
+    /// of masking first; with them, the first draw's cut-off is taken over every token.
     fn sample(&mut self, logits: &mut [f32]) -> Result<u32> {
         let Some(constraint) = &mut self.constraint else {
             return Ok(self.sampler.sample(logits, &self.history));
