@@ -4,6 +4,7 @@ Skipped when Ray is not installed (pip install "phi3[ray]")."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -86,7 +87,11 @@ def test_concurrent_requests_spread_over_both_replicas(endpoint: str, haiku: Phi
 
 
 def test_a_killed_replica_is_replaced_and_requests_go_on(endpoint: str) -> None:
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA" in a["name"] and "#phi3#" in a["name"]
+    ]
     assert len(replicas) == 2
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
     client = _client(endpoint)
@@ -102,6 +107,45 @@ def test_a_killed_replica_is_replaced_and_requests_go_on(endpoint: str) -> None:
         time.sleep(0.5)
     else:
         pytest.fail(f"no replacement replica: {serve.status()}")
+
+
+def test_a_conversation_returns_to_the_replica_that_holds_it(endpoint: str) -> None:
+    client = _client(endpoint)
+    for topic in TOPICS[:4]:
+        messages = _messages(topic)
+        replicas = set()
+        for turn in range(3):
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL_ID, messages=messages, temperature=0, max_tokens=8
+            )
+            r = raw.parse()
+            replicas.add(raw.headers[phi3_ray.REPLICA_HEADER])
+            if turn > 0:
+                # The replica's prefix pool held the earlier turns.
+                assert r.usage.prompt_tokens_details.cached_tokens > 0
+            messages = [*messages, {"role": "assistant", "content": r.choices[0].message.content}]
+            messages.append({"role": "user", "content": f"And once more, turn {turn + 2}"})
+        assert len(replicas) == 1, (topic, replicas)
+
+
+def test_the_routing_key_covers_what_turns_share() -> None:
+    chat = "/v1/chat/completions"
+
+    def key(path: str, body: Any) -> Any:
+        return phi3_ray.routing_key(path, json.dumps(body).encode())
+
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    later = [*first, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    assert key(chat, {"messages": first}) == key(chat, {"messages": later}) is not None
+    assert key(chat, {"messages": first}) != key(chat, {"messages": [first[1]]})
+    long = "x" * phi3_ray.PREFIX_BLOCK_CHARS
+    assert key("/v1/completions", {"prompt": long + "a"}) == key("/v1/completions", {"prompt": long + "b"}) is not None
+    # Nothing worth routing by: a short prompt, another endpoint, a body that is not a request.
+    assert key("/v1/completions", {"prompt": "short"}) is None
+    assert key("/v1/models", {"messages": first}) is None
+    assert phi3_ray.routing_key(chat, b"{not json") is None
+    assert key(chat, {"messages": ["not a message"]}) is None
+    assert key(chat, [1, 2]) is None
 
 
 def test_bad_arguments(haiku_path: str) -> None:

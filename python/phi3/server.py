@@ -36,22 +36,23 @@ RETRY_AFTER_S = 1
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def _error(
+def error_response(
     status: int, message: str, kind: str, param: Optional[str] = None, code: Optional[str] = None
 ) -> JSONResponse:
+    """An error in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``)."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _unauthorized() -> JSONResponse:
-    return _error(
+    return error_response(
         401, "a valid API key is required (Authorization: Bearer ...)", "invalid_request_error", None, "invalid_api_key"
     )
 
 
 def _bad_request(e: _openai.InvalidRequestError) -> JSONResponse:
-    return _error(400, e.message, "invalid_request_error", e.param, e.code)
+    return error_response(400, e.message, "invalid_request_error", e.param, e.code)
 
 
 class _Metrics:
@@ -145,18 +146,20 @@ class _Server:
     async def body(self, request: Request) -> Union[dict[str, Any], JSONResponse]:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return _error(413, f"the request body is over {self.max_body_bytes} bytes", "invalid_request_error")
+            return error_response(413, f"the request body is over {self.max_body_bytes} bytes", "invalid_request_error")
         data = bytearray()
         async for part in request.stream():
             data += part
             if len(data) > self.max_body_bytes:
-                return _error(413, f"the request body is over {self.max_body_bytes} bytes", "invalid_request_error")
+                return error_response(
+                    413, f"the request body is over {self.max_body_bytes} bytes", "invalid_request_error"
+                )
         try:
             body = json.loads(data)
         except (ValueError, RecursionError):
-            return _error(400, "the request body is not valid JSON", "invalid_request_error")
+            return error_response(400, "the request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict):
-            return _error(400, "the request body must be a JSON object", "invalid_request_error")
+            return error_response(400, "the request body must be a JSON object", "invalid_request_error")
         return body
 
     def model_info(self) -> dict[str, Any]:
@@ -179,7 +182,7 @@ class _Server:
             return body
         name = body.get("model")
         if name is not None and name != self.model_id:
-            return _error(
+            return error_response(
                 404,
                 f"the model '{name}' does not exist (this server has '{self.model_id}')",
                 "invalid_request_error",
@@ -188,7 +191,9 @@ class _Server:
             )
         model = self.model
         if model.active_streams + model.queued_streams >= model.max_batch + self.max_queued:
-            return _error(503, "the server is busy: too many requests are waiting", "server_error", None, "overloaded")
+            return error_response(
+                503, "the server is busy: too many requests are waiting", "server_error", None, "overloaded"
+            )
         for key, value in self.defaults.items():
             body.setdefault(key, value)
         body["model"] = self.model_id
@@ -312,7 +317,7 @@ def create_app(
         if not server.authorized(request):
             return _unauthorized()
         if request.path_params["id"] != server.model_id:
-            return _error(
+            return error_response(
                 404,
                 f"the model '{request.path_params['id']}' does not exist",
                 "invalid_request_error",
@@ -329,7 +334,9 @@ def create_app(
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error")
+        return error_response(
+            exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error"
+        )
 
     app = Starlette(
         routes=[
