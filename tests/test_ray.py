@@ -21,6 +21,8 @@ phi3_ray = pytest.importorskip("phi3.ray")
 
 MODEL_ID = "tiny-phi3-haiku-q4_k_m"
 TOPICS = ["rain", "snow", "the sea", "autumn", "a cat", "ice hockey", "the moon", "a river"]
+# Each conversation prefers one replica by its hash; with 16, all prefer the same one with odds 2**-15.
+MANY_TOPICS = [*TOPICS, "tea", "fog", "a fox", "spring", "a train", "the desert", "a bell", "a kite"]
 
 
 def _free_port() -> int:
@@ -72,16 +74,16 @@ def _replica_of(client: Any, topic: str, answers: dict[str, tuple[str, str]]) ->
     answers[topic] = (raw.headers[phi3_ray.REPLICA_HEADER], str(raw.parse().choices[0].message.content))
 
 
-def test_concurrent_requests_spread_over_both_replicas(endpoint: str, haiku: Phi3) -> None:
+def test_concurrent_conversations_spread_over_both_replicas(endpoint: str, haiku: Phi3) -> None:
     client = _client(endpoint)
     answers: dict[str, tuple[str, str]] = {}
-    threads = [threading.Thread(target=_replica_of, args=(client, topic, answers)) for topic in TOPICS]
+    threads = [threading.Thread(target=_replica_of, args=(client, topic, answers)) for topic in MANY_TOPICS]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert {topic: answer for topic, (_, answer) in answers.items()} == {
-        topic: haiku.generate(_messages(topic), temperature=0) for topic in TOPICS
+        topic: haiku.generate(_messages(topic), temperature=0) for topic in MANY_TOPICS
     }
     assert len({replica for replica, _ in answers.values()}) == 2
 
