@@ -1,7 +1,7 @@
 """A Ray Data job for tests/test_ray_data.py, run in its own process: a fresh local Ray instance
 per job (a second instance in the test process, beside Serve's, does not start cleanly).
 
-    python ray_data_job.py MODEL BATCH_FORMAT < prompts.json > rows.json
+    python ray_data_job.py MODEL ROWS.json BATCH_FORMAT < prompts.json
 """
 
 import json
@@ -12,7 +12,7 @@ from phi3.ray import Predictor
 
 
 def main() -> None:
-    model, batch_format = sys.argv[1], sys.argv[2]
+    model, out, batch_format = sys.argv[1], sys.argv[2], sys.argv[3]
     prompts = json.load(sys.stdin)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -27,7 +27,8 @@ def main() -> None:
         )
         rows = sorted(answered.take_all(), key=lambda row: row["id"])
         keep = ("id", "answer", "prompt_tokens", "completion_tokens")
-        json.dump([{k: _plain(row[k]) for k in keep} for row in rows], sys.stdout)
+        with open(out, "w") as f:
+            json.dump([{k: _plain(row[k]) for k in keep} for row in rows], f)
     finally:
         ray.shutdown()
 

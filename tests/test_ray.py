@@ -153,3 +153,5 @@ def test_the_routing_key_covers_what_turns_share() -> None:
 def test_bad_arguments(haiku_path: str) -> None:
     with pytest.raises(ValueError, match="num_replicas"):
         phi3_ray.build_app(haiku_path, num_replicas=0)
+    with pytest.raises(ValueError, match="a Ray address is"):
+        phi3_ray.connect("no-port-here")

@@ -20,25 +20,27 @@ TOPICS = ["rain", "snow", "the sea", "autumn", "a cat", "ice hockey", "the moon"
 JOB = Path(__file__).with_name("ray_data_job.py")
 
 
-def _run_job(model: str, prompts: list[Any], batch_format: str) -> list[dict[str, Any]]:
+def _run_job(model: str, prompts: list[Any], batch_format: str, out: Path) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [sys.executable, str(JOB), model, batch_format],
+        [sys.executable, str(JOB), model, str(out), batch_format],
         input=json.dumps(prompts),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    rows: list[dict[str, Any]] = json.loads(out.read_text())
     return rows
 
 
 @pytest.mark.parametrize("batch_format", ["numpy", "pandas"])
-def test_map_batches_answers_each_prompt_as_phi3_alone(haiku: Phi3, haiku_path: str, batch_format: str) -> None:
+def test_map_batches_answers_each_prompt_as_phi3_alone(
+    haiku: Phi3, haiku_path: str, batch_format: str, tmp_path: Path
+) -> None:
     # 20 prompts: chats and plain strings, in batches of 5 over 2 actors.
     prompts: list[Any] = [[{"role": "user", "content": f"Write a haiku about {t}"}] for t in TOPICS]
     prompts += [f"A poem about {t}:" for t in TOPICS]
-    rows = _run_job(haiku_path, prompts, batch_format)
+    rows = _run_job(haiku_path, prompts, batch_format, tmp_path / "rows.json")
     assert [row["id"] for row in rows] == list(range(len(prompts)))
     for prompt, row in zip(prompts, rows):
         with haiku.stream(prompt, temperature=0, max_tokens=24) as alone:

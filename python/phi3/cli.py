@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -85,6 +86,18 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="the model's name in the API (default: the file name)")
     p.add_argument("--max-batch", type=int, help="streams that share one pass over the weights (default 8)")
     p.add_argument("--cache-bytes", type=int, help="bound of the prefix pool in bytes (default 1 GiB)")
+    ray = p.add_argument_group("Ray Serve", 'replicas of the model behind one endpoint (pip install "phi3[ray]")')
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve; stays in the foreground")
+    ray.add_argument(
+        "--replicas",
+        type=int,
+        help="model replicas, each with --threads threads (default 1; threads default: "
+        "this machine's CPUs shared among them)",
+    )
+    ray.add_argument(
+        "--address",
+        help="the Ray cluster to run on: HOST:PORT, ray://HOST:PORT or auto (default: a new local instance)",
+    )
     _sampling_flags(p, serve=True)
     return p
 
@@ -116,7 +129,10 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(argv: Sequence[str]) -> int:
-    args = _serve_parser().parse_args(argv)
+    parser = _serve_parser()
+    args = parser.parse_args(argv)
+    if not args.ray and (args.replicas is not None or args.address is not None):
+        parser.error("--replicas and --address apply only with --ray")
     try:
         import uvicorn
 
@@ -131,6 +147,8 @@ def _serve(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
     defaults = {key: value for key, value in _sampling_options(args).items() if value is not None}
+    if args.ray:
+        return _serve_on_ray(args, api_key, defaults)
     try:
         model = _load(args, max_batch=args.max_batch, cache_bytes=args.cache_bytes)
         app = create_app(model, api_key=api_key, model_id=args.model_id, defaults=defaults)
@@ -138,6 +156,62 @@ def _serve(argv: Sequence[str]) -> int:
         print(f"phi3: error: {e}", file=sys.stderr)
         return 1
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, api_key: Optional[str], defaults: dict[str, Any]) -> int:
+    try:
+        from ray import serve
+
+        import phi3.ray
+    except ImportError:
+        print('phi3: error: --ray needs Ray: pip install "phi3[ray]"', file=sys.stderr)
+        return 1
+    replicas = 1 if args.replicas is None else args.replicas
+    if replicas < 1:
+        print(f"phi3: error: --replicas must be >= 1, got {replicas}", file=sys.stderr)
+        return 1
+    threads = args.threads or max(1, (os.cpu_count() or 1) // replicas)
+    options = {
+        "filename": args.filename,
+        "revision": args.revision,
+        "tokenizer": args.tokenizer,
+        "context_length": args.context_length,
+        "max_batch": args.max_batch,
+        "cache_bytes": args.cache_bytes,
+    }
+    try:
+        app = phi3.ray.build_app(
+            args.model,
+            num_replicas=replicas,
+            threads=threads,
+            api_key=api_key,
+            model_id=args.model_id,
+            defaults=defaults,
+            **{key: value for key, value in options.items() if value is not None},
+        )
+        # Replicas log to Ray's session logs, not here: a replica that fails would print its
+        # tracebacks over the one line that says why.
+        phi3.ray.connect(args.address, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, ValueError, TypeError) as e:
+        print(f"phi3: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        phi3.ray.run(app, host=args.host, port=args.port)
+        print(
+            f"phi3: serving {replicas} replica(s) of {threads} thread(s) at http://{args.host}:{args.port}/v1 "
+            "on Ray Serve (replica logs: /tmp/ray/session_latest/logs/serve); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        threading.Event().wait()
+    except phi3.ray.DeploymentError as e:
+        print(f"phi3: error: the replicas did not start: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("phi3: stopping", file=sys.stderr)
+    finally:
+        serve.shutdown()  # type: ignore[no-untyped-call,unused-ignore]
     return 0
 
 

@@ -16,6 +16,27 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError('phi3.ray needs Ray: pip install "phi3[ray]"') from e
 
 from phi3.ray._data import Predictor
-from phi3.ray._serve import PREFIX_BLOCK_CHARS, REPLICA_HEADER, PrefixAffinityRouter, build_app, routing_key
+from phi3.ray._serve import (
+    NODE_HEADER,
+    PREFIX_BLOCK_CHARS,
+    REPLICA_HEADER,
+    DeploymentError,
+    PrefixAffinityRouter,
+    build_app,
+    connect,
+    routing_key,
+    run,
+)
 
-__all__ = ["PREFIX_BLOCK_CHARS", "REPLICA_HEADER", "Predictor", "PrefixAffinityRouter", "build_app", "routing_key"]
+__all__ = [
+    "NODE_HEADER",
+    "PREFIX_BLOCK_CHARS",
+    "REPLICA_HEADER",
+    "DeploymentError",
+    "Predictor",
+    "PrefixAffinityRouter",
+    "build_app",
+    "connect",
+    "routing_key",
+    "run",
+]

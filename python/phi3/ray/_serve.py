@@ -15,9 +15,12 @@ import hashlib
 import json
 import os
 import random
+import re
+import socket
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Optional, Union
 
+import ray
 from ray import serve
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 from starlette.applications import Starlette
@@ -26,19 +29,22 @@ from starlette.routing import Route
 from phi3._core import Phi3
 from phi3.server import DEFAULT_MAX_BODY_BYTES, create_app, error_response
 
-#: The response header that names the model replica that answered.
+#: The response headers that name the model replica that answered, and its Ray node.
 REPLICA_HEADER = "x-phi3-replica"
+NODE_HEADER = "x-phi3-node"
 #: How much of a prompt's start its routing key covers, in characters (about 256 tokens).
 PREFIX_BLOCK_CHARS = 1024
 #: The extra requests the preferred replica may hold beyond the least loaded one before a
 #: request goes to a less loaded replica instead (a shared system prompt must not pin all traffic).
 DEFAULT_IMBALANCE = 8
+#: How long ``connect`` waits for a cluster's address to answer before it says there is none.
+CONNECT_TIMEOUT_S = 5.0
 #: How long a replica whose client went away may take to end its generation before it is cancelled.
 _CLOSE_TIMEOUT_S = 5.0
 
 
 def build_app(
-    model: Union[str, os.PathLike[str]],
+    model: Union[str, os.PathLike[str], None],
     *,
     num_replicas: int = 1,
     autoscaling_config: Optional[Mapping[str, Any]] = None,
@@ -84,14 +90,68 @@ def build_app(
         options["autoscaling_config"] = dict(autoscaling_config)
     else:
         options["num_replicas"] = num_replicas
+    path = None if model is None else os.fspath(model)
+    if path is not None and os.path.exists(path):
+        # Replicas do not run in this process's working directory.
+        path = os.path.abspath(path)
     replicas = serve.deployment(**options)(_Model).bind(
-        os.fspath(model),
+        path,
         {"threads": threads, **phi3_options},
         {"api_key": api_key, "model_id": model_id, "defaults": dict(defaults or {})},
     )
     # The relay holds no model: it needs no CPU of its own and may hold many requests.
     ingress = serve.deployment(name="phi3-ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
     return ingress(_Ingress).bind(replicas)
+
+
+class DeploymentError(RuntimeError):
+    """The application could not start: the message is a replica's own error (the model's, for a
+    file that does not load), not Serve's summary of it."""
+
+
+def connect(address: Optional[str] = None, **init_options: Any) -> None:
+    """``ray.init`` for serving phi3: a new local Ray instance when ``address`` is None, else the
+    cluster at ``address`` (``"auto"``, ``HOST:PORT`` or ``ray://HOST:PORT``).
+
+    Raises ``ConnectionError`` naming the address when nothing answers there within
+    ``CONNECT_TIMEOUT_S`` (``ray.init`` itself retries for minutes).
+    """
+    if address is not None and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a Ray address is 'auto', HOST:PORT or ray://HOST:PORT, got {address!r}")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise ConnectionError(f"no Ray cluster at {address}: {e}") from None
+    ray.init(address=address or "local", **init_options)
+
+
+def run(app: Any, *, host: str = "127.0.0.1", port: int = 8000, name: str = "phi3") -> Any:
+    """``serve.run(app)`` behind Serve's HTTP proxy on ``host:port``, at ``/``.
+
+    Raises ``DeploymentError`` with a replica's own error when replicas cannot start.
+    """
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        return serve.run(app, name=name, route_prefix="/")
+    except RuntimeError as e:
+        raise DeploymentError(_replica_error(name) or str(e)) from None
+
+
+def _replica_error(name: str) -> Optional[str]:
+    """The last ``SomeError: message`` line of a failed deployment's message: the replica's own
+    exception, at the end of Ray's tracebacks."""
+    try:
+        deployments = serve.status().applications[name].deployments.values()
+    except (KeyError, AttributeError):
+        return None
+    for deployment in deployments:
+        errors = re.findall(r"^([\w.]*(?:Error|Exception)): (.*)$", deployment.message or "", re.MULTILINE)
+        if errors:
+            kind, message = errors[-1]
+            return f"{kind.rpartition('.')[2]}: {message}"
+    return None
 
 
 def routing_key(path: str, body: bytes) -> Optional[str]:
@@ -222,10 +282,11 @@ async def _read_body(receive: Any, limit: int) -> Optional[bytes]:
 class _Model:
     """One model replica: a ``Phi3`` and phi3's ASGI app over it, answering relayed requests."""
 
-    def __init__(self, model: str, phi3_options: dict[str, Any], app_options: dict[str, Any]) -> None:
+    def __init__(self, model: Optional[str], phi3_options: dict[str, Any], app_options: dict[str, Any]) -> None:
         self.app = create_app(Phi3(model, **phi3_options), **app_options)
         replica_id: str = serve.get_replica_context().replica_id.unique_id
-        self.header = (REPLICA_HEADER.encode(), replica_id.encode())
+        node_id: str = ray.get_runtime_context().get_node_id()
+        self.headers = [(REPLICA_HEADER.encode(), replica_id.encode()), (NODE_HEADER.encode(), node_id.encode())]
 
     async def answer(self, request: dict[str, Any], routing_key: Optional[str] = None) -> Any:
         """Runs ``request`` through the app, yielding its ASGI messages as the app sends them."""
@@ -255,7 +316,7 @@ class _Model:
 
         async def send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
             sent.put_nowait(message)
 
         app = asyncio.ensure_future(self.app(scope, receive, send))
