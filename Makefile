@@ -16,10 +16,11 @@ lint: lint-rust lint-python stubtest
 
 test: test-rust test-python
 
-$(VENV)/.tools: requirements-dev.txt
+$(VENV)/.tools: requirements-dev.txt requirements-ray.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet "ray[serve,data]" -c requirements-ray.txt
 	touch $@
 
 develop: $(VENV)/.tools
