@@ -4,6 +4,14 @@ installed, on the same model file and threads:
 
     python benchmarks/serve_bench.py MODEL.gguf --threads 2 [--clients 1,4,16]
         [--phi3-python PY] [--llamacpp-python PY]
+    python benchmarks/serve_bench.py MODEL.gguf --ray --threads 1 [--clients 1,4]
+    python benchmarks/serve_bench.py MODEL.gguf --ray-affinity --threads 1
+
+`--ray` measures `phi3 serve` alone against `phi3 serve --ray` with 1 and with 2 replicas of
+`--threads` threads each (Serve's overhead, and what a second replica adds). `--ray-affinity`
+holds conversations (a distinct ~300-token start each, 3 turns, 4 at a time) against 2
+replicas, with prefix-affinity routing and without, and reports per turn the share of prompt
+tokens that came from a replica's prefix pool and the time to the answer.
 
 Each client streams one chat completion (a different ~20-token prompt each, 32 tokens, greedy,
 end-of-text tokens banned so every answer is as long) with the official `openai` client. The
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,9 +48,14 @@ def free_port() -> int:
 
 
 def start(engine: str, args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
-    if engine == "phi3":
+    if engine.startswith("phi3"):
         cmd = [args.phi3_python, "-m", "phi3", "serve", "-m", args.model, "--threads", str(args.threads)]
         cmd += ["--port", str(port), "--model-id", "model", "--max-batch", str(max(args.clients_list))]
+        # "phi3-ray-N": N replicas; "-default": routing by load alone.
+        if engine.startswith("phi3-ray-"):
+            cmd += ["--ray", "--replicas", engine.split("-")[2]]
+            if engine.endswith("-default"):
+                cmd.append("--no-prefix-affinity")
     else:
         cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", args.model, "--model_alias", "model"]
         cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096"]
@@ -121,8 +135,75 @@ def measure(engine: str, args: argparse.Namespace) -> dict[int, tuple[float, str
             print(f"serve_bench: {engine}, {n} clients: {tok_s:.2f} tok/s", file=sys.stderr)
         return table
     finally:
-        process.terminate()
-        process.wait(60)
+        # Ctrl-C: `phi3 serve --ray` shuts its Ray instance down on it.
+        process.send_signal(signal.SIGINT)
+        process.wait(120)
+
+
+SYSTEM_WORDS = "a careful assistant who answers about rivers harbors engines gardens and winter".split()
+
+
+def preamble(conversation: int) -> str:
+    # About 300 tokens, different for each conversation from its first words on; in the first
+    # user message, as Phi-3-mini's template drops system messages.
+    words = [SYSTEM_WORDS[(conversation * 7 + 3 * k) % len(SYSTEM_WORDS)] for k in range(220)]
+    return f"Conversation {conversation}. You are " + " ".join(words) + "."
+
+
+async def conversation(client: Any, c: int, turns: int, rows: list[tuple[int, int, int, float]]) -> None:
+    messages: list[dict[str, str]] = []
+    for turn in range(1, turns + 1):
+        question = f"Question {turn}: tell me about the {WORDS[(c + turn) % 13]}."
+        messages.append({"role": "user", "content": f"{preamble(c)}\n{question}" if turn == 1 else question})
+        t0 = time.perf_counter()
+        r = await client.chat.completions.create(
+            model="model", messages=messages, max_tokens=16, temperature=0, logit_bias={str(t): -100 for t in STOP_IDS}
+        )
+        elapsed = time.perf_counter() - t0
+        cached = r.usage.prompt_tokens_details.cached_tokens if r.usage.prompt_tokens_details else 0
+        rows.append((turn, r.usage.prompt_tokens, cached, elapsed))
+        messages.append({"role": "assistant", "content": r.choices[0].message.content or ""})
+
+
+async def conversations(base_url: str, count: int, turns: int, at_once: int) -> list[tuple[int, int, int, float]]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
+    rows: list[tuple[int, int, int, float]] = []
+    for start_at in range(0, count, at_once):
+        batch = range(start_at, min(count, start_at + at_once))
+        await asyncio.gather(*(conversation(client, c, turns, rows) for c in batch))
+    await client.close()
+    return rows
+
+
+def measure_affinity(args: argparse.Namespace) -> None:
+    count, turns, at_once = 8, 3, 4
+    table = {}
+    for engine in ("phi3-ray-2", "phi3-ray-2-default"):
+        port = free_port()
+        process = start(engine, args, port)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        try:
+            wait_ready(base_url, process)
+            rows = asyncio.run(conversations(base_url, count, turns, at_once))
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(120)
+        for turn in range(1, turns + 1):
+            of_turn = [r for r in rows if r[0] == turn]
+            share = sum(r[2] for r in of_turn) / sum(r[1] for r in of_turn)
+            table[engine, turn] = (share, statistics.median(r[3] for r in of_turn))
+        print(f"serve_bench: {engine} done", file=sys.stderr)
+    print(f"\n{count} conversations of {turns} turns, {at_once} at a time, 2 replicas of {args.threads} thread(s), ")
+    print(f"{os.path.basename(args.model)}:\n")
+    print(
+        "| turn | affinity: cached share | affinity: answer p50 (s) | by load: cached share | by load: answer p50 (s) |"
+    )
+    print("|---|---|---|---|---|")
+    for turn in range(1, turns + 1):
+        (a_share, a_time), (d_share, d_time) = table["phi3-ray-2", turn], table["phi3-ray-2-default", turn]
+        print(f"| {turn} | {a_share:.0%} | {a_time:.2f} | {d_share:.0%} | {d_time:.2f} |")
 
 
 def llamacpp_server_available(python: str) -> bool:
@@ -137,11 +218,19 @@ def main() -> None:
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--phi3-python", default=sys.executable)
     p.add_argument("--llamacpp-python", default=sys.executable)
+    p.add_argument("--ray", action="store_true", help="phi3 serve against phi3 serve --ray with 1 and 2 replicas")
+    p.add_argument("--ray-affinity", action="store_true", help="conversations with and without prefix affinity")
     args = p.parse_args()
     args.clients_list = [int(n) for n in args.clients.split(",")]
 
+    if args.ray_affinity:
+        measure_affinity(args)
+        return
     results = {"phi3 serve": measure("phi3", args)}
-    if llamacpp_server_available(args.llamacpp_python):
+    if args.ray:
+        results["ray, 1 replica"] = measure("phi3-ray-1", args)
+        results["ray, 2 replicas"] = measure("phi3-ray-2", args)
+    elif llamacpp_server_available(args.llamacpp_python):
         results["llama_cpp.server"] = measure("llamacpp", args)
     else:
         print("serve_bench: llama_cpp.server is not importable; measuring phi3 alone", file=sys.stderr)

@@ -90,4 +90,4 @@ def test_ray_flags_need_ray(haiku_path: str) -> None:
     process = _phi3_serve("-m", haiku_path, "--replicas", "2")
     _, stderr = process.communicate(timeout=START_TIMEOUT_S)
     assert process.returncode == 2
-    assert "--replicas and --address apply only with --ray" in stderr
+    assert "--replicas, --address and --no-prefix-affinity apply only with --ray" in stderr

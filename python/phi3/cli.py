@@ -98,6 +98,11 @@ def _serve_parser() -> argparse.ArgumentParser:
         "--address",
         help="the Ray cluster to run on: HOST:PORT, ray://HOST:PORT or auto (default: a new local instance)",
     )
+    ray.add_argument(
+        "--no-prefix-affinity",
+        action="store_true",
+        help="route by load alone (default: requests that start alike go to the same replica while its load allows)",
+    )
     _sampling_flags(p, serve=True)
     return p
 
@@ -131,8 +136,8 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def _serve(argv: Sequence[str]) -> int:
     parser = _serve_parser()
     args = parser.parse_args(argv)
-    if not args.ray and (args.replicas is not None or args.address is not None):
-        parser.error("--replicas and --address apply only with --ray")
+    if not args.ray and (args.replicas is not None or args.address is not None or args.no_prefix_affinity):
+        parser.error("--replicas, --address and --no-prefix-affinity apply only with --ray")
     try:
         import uvicorn
 
@@ -185,6 +190,7 @@ def _serve_on_ray(args: argparse.Namespace, api_key: Optional[str], defaults: di
             args.model,
             num_replicas=replicas,
             threads=threads,
+            prefix_affinity=not args.no_prefix_affinity,
             api_key=api_key,
             model_id=args.model_id,
             defaults=defaults,

@@ -36,7 +36,9 @@ NODE_HEADER = "x-phi3-node"
 PREFIX_BLOCK_CHARS = 1024
 #: The extra requests the preferred replica may hold beyond the least loaded one before a
 #: request goes to a less loaded replica instead (a shared system prompt must not pin all traffic).
-DEFAULT_IMBALANCE = 8
+#: Half the default batch: past it, on a CPU, decoding in the fuller batch costs about what
+#: reading a long conversation again on an idle replica does.
+DEFAULT_IMBALANCE = 4
 #: How long ``connect`` waits for a cluster's address to answer before it says there is none.
 CONNECT_TIMEOUT_S = 5.0
 #: How long a replica whose client went away may take to end its generation before it is cancelled.
@@ -68,7 +70,7 @@ def build_app(
     while its load allows, so that its prefix pool serves the shared start; without it, Serve's
     default (the less loaded of two random replicas) routes every request.
     ``api_key``, ``model_id`` and ``defaults`` are ``create_app``'s; ``phi3_options`` go to
-    ``Phi3()``. Run it with ``serve.run(app)``.
+    ``Phi3()``. Run it with ``run(app)`` (or ``serve.run(app)``).
     """
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
