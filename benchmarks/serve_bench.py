@@ -9,7 +9,7 @@ installed, on the same model file and threads:
 
 `--ray` measures `phi3 serve` alone against `phi3 serve --ray` with 1 and with 2 replicas of
 `--threads` threads each (Serve's overhead, and what a second replica adds). `--ray-affinity`
-holds conversations (a distinct ~300-token start each, 3 turns, 4 at a time) against 2
+holds conversations (a distinct ~300-token start each, 3 turns, 4 at a time, 0-8 s to think before each turn) against 2
 replicas, with prefix-affinity routing and without, and reports per turn the share of prompt
 tokens that came from a replica's prefix pool and the time to the answer.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import socket
 import statistics
@@ -152,7 +153,10 @@ def preamble(conversation: int) -> str:
 
 async def conversation(client: Any, c: int, turns: int, rows: list[tuple[int, int, int, float]]) -> None:
     messages: list[dict[str, str]] = []
+    # Users think between turns, each for their own time: no two conversations move in step.
+    think = random.Random(c)
     for turn in range(1, turns + 1):
+        await asyncio.sleep(think.uniform(0, 8))
         question = f"Question {turn}: tell me about the {WORDS[(c + turn) % 13]}."
         messages.append({"role": "user", "content": f"{preamble(c)}\n{question}" if turn == 1 else question})
         t0 = time.perf_counter()

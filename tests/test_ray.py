@@ -21,7 +21,8 @@ phi3_ray = pytest.importorskip("phi3.ray")
 
 MODEL_ID = "tiny-phi3-haiku-q4_k_m"
 TOPICS = ["rain", "snow", "the sea", "autumn", "a cat", "ice hockey", "the moon", "a river"]
-# Each conversation prefers one replica by its hash; with 16, all prefer the same one with odds 2**-15.
+# New conversations go to the less loaded replica (at random between equals): with 16, all land on one
+# with odds of about 2**-15.
 MANY_TOPICS = [*TOPICS, "tea", "fog", "a fox", "spring", "a train", "the desert", "a bell", "a kite"]
 
 

@@ -16,7 +16,8 @@ pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install
 pytest.importorskip("openai", reason="the openai client is not installed")
 
 JOB = Path(__file__).with_name("ray_cluster_job.py")
-# 16 conversations, each preferring a replica by its hash: all prefer one with odds 2**-15.
+# 16 new conversations, each to the less loaded replica (at random between equals): all on one with odds
+# of about 2**-15.
 TOPICS = ["rain", "snow", "the sea", "autumn", "a cat", "ice hockey", "the moon", "a river"]
 TOPICS += ["tea", "fog", "a fox", "spring", "a train", "the desert", "a bell", "a kite"]
 

@@ -3,8 +3,8 @@ replicas that answer it.
 
 Serve's HTTP proxy picks a replica before the body is read, so a router there cannot see the
 prompt. The ingress (a light relay, no CPU reserved) reads the body, derives the prompt's routing
-key, and calls the model deployment through a handle; the model deployment's router sends equal
-keys to the same replica, whose prefix pool then holds the conversation.
+key, and calls the model deployment through a handle; the model deployment's router sends a key
+back to the replica that answered it before, whose prefix pool then holds the conversation.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import random
 import re
 import socket
+from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Optional, Union
 
@@ -39,6 +40,8 @@ PREFIX_BLOCK_CHARS = 1024
 #: Half the default batch: past it, on a CPU, decoding in the fuller batch costs about what
 #: reading a long conversation again on an idle replica does.
 DEFAULT_IMBALANCE = 4
+#: Routing keys whose replica the router remembers (the least recently routed are forgotten).
+DEFAULT_MAX_HOMES = 100_000
 #: How long ``connect`` waits for a cluster's address to answer before it says there is none.
 CONNECT_TIMEOUT_S = 5.0
 #: How long a replica whose client went away may take to end its generation before it is cancelled.
@@ -66,8 +69,9 @@ def build_app(
     of ``ray_actor_options``, else 1), so that replicas on one node do not fight over cores, and
     takes at most ``max_batch`` requests at once (the rest wait in Serve's queue, free to go to
     another replica). With ``prefix_affinity``, requests that start alike (the same system and
-    first user message, or the same first 1,024 characters of a prompt) go to the same replica
-    while its load allows, so that its prefix pool serves the shared start; without it, Serve's
+    first user message, or the same first 1,024 characters of a prompt) go back to the replica
+    that answered the first of them while its load allows, so that its prefix pool serves the
+    shared start (``PrefixAffinityRouter``); without it, Serve's
     default (the less loaded of two random replicas) routes every request.
     ``api_key``, ``model_id`` and ``defaults`` are ``create_app``'s; ``phi3_options`` go to
     ``Phi3()``. Run it with ``run(app)`` (or ``serve.run(app)``).
@@ -191,20 +195,20 @@ def routing_key(path: str, body: bytes) -> Optional[str]:
     return hashlib.blake2b(start.encode(), digest_size=16).hexdigest()
 
 
-def _preference(key: str, replica: RunningReplica) -> bytes:
-    # Rendezvous hashing: each key ranks the replicas its own way, and a replica that leaves moves
-    # only the keys it was first for.
-    return hashlib.blake2b(f"{key}/{replica.replica_id.unique_id}".encode(), digest_size=8).digest()
-
-
 class PrefixAffinityRouter(RequestRouter):  # type: ignore[misc,unused-ignore]
-    """Serve's request router for the model deployment: a request with a routing key goes to the
-    replica the key prefers (rendezvous hashing) unless that one holds ``imbalance`` requests more
-    than the least loaded replica; other requests, and those, go to the less loaded of two random
-    replicas, as Serve's default router sends them."""
+    """Serve's request router for the model deployment. A request whose routing key was seen
+    before goes to the replica that answered it last (its home, whose prefix pool holds the shared
+    start), unless the home holds ``imbalance`` requests more than the least loaded replica. A
+    new key, a key whose home is gone or overloaded, and a request without a key go to the less
+    loaded of two random replicas, as Serve's default router sends them; where a keyed request
+    lands becomes its key's home. The last ``max_homes`` keys are remembered."""
 
-    def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **kwargs: Any) -> None:
+    def initialize_state(
+        self, imbalance: int = DEFAULT_IMBALANCE, max_homes: int = DEFAULT_MAX_HOMES, **kwargs: Any
+    ) -> None:
         self.imbalance = imbalance
+        self.max_homes = max_homes
+        self.homes: OrderedDict[str, Any] = OrderedDict()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None
@@ -212,16 +216,32 @@ class PrefixAffinityRouter(RequestRouter):  # type: ignore[misc,unused-ignore]
         if not candidate_replicas:
             return []
         two = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
-        key = pending_request.kwargs.get("routing_key") if pending_request is not None else None
-        if key is None or len(candidate_replicas) == 1:
+        home_id = self.homes.get(_key_of(pending_request) or "")
+        home = next((r for r in candidate_replicas if r.replica_id == home_id), None)
+        if home is None:
             return [two]
         cache = self.replica_queue_len_cache
         load = {r.replica_id: cache.get(r.replica_id) or 0 for r in candidate_replicas}
-        preferred = max(candidate_replicas, key=lambda r: _preference(key, r))
-        if load[preferred.replica_id] - min(load.values()) >= self.imbalance:
+        if load[home.replica_id] - min(load.values()) >= self.imbalance:
             return [two]
-        # When the preferred replica is full, Serve tries the next rank.
-        return [[preferred], [r for r in two if r is not preferred]]
+        # When the home is full, Serve tries the next rank.
+        return [[home], [r for r in two if r is not home]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        key = _key_of(pending_request)
+        if key is None:
+            return
+        self.homes[key] = replica_id
+        self.homes.move_to_end(key)
+        while len(self.homes) > self.max_homes:
+            self.homes.popitem(last=False)
+
+
+def _key_of(pending_request: Optional[PendingRequest]) -> Optional[str]:
+    if pending_request is None:
+        return None
+    key = pending_request.kwargs.get("routing_key")
+    return key if isinstance(key, str) else None
 
 
 @serve.ingress()
