@@ -396,3 +396,33 @@ def test_phi3_serve_runs_the_server(haiku_path: str) -> None:
     finally:
         process.terminate()
         process.wait(TIMEOUT_S)
+
+
+def test_a_cancelled_request_cancels_its_work() -> None:
+    # Ray Serve cancels the request of a caller that went away, rather than sending a disconnect.
+    from phi3.server import _until_disconnected
+
+    class Silent:
+        async def receive(self) -> dict[str, Any]:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    async def main() -> bool:
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def work() -> dict[str, Any]:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return {}
+
+        request = asyncio.ensure_future(_until_disconnected(Silent(), work()))  # type: ignore[arg-type]
+        await started.wait()
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+        return cancelled.is_set()
+
+    assert asyncio.run(main())

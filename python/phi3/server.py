@@ -262,9 +262,12 @@ async def _until_disconnected(request: Request, work: Any) -> Optional[dict[str,
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        if not task.done():
+            # The client went away, or the server cancelled this request (Ray Serve does, for
+            # a caller that went away): the generation ends too.
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
         return None
     result: dict[str, Any] = task.result()
     return result

@@ -361,8 +361,10 @@ fn forward(
     };
     let mut members = Vec::new();
     let mut inputs = Vec::new();
+    // `runnable` is in batch order: one walk pairs it with the batch's disjoint borrows.
+    let mut next_runnable = runnable.iter().copied().peekable();
     for (i, job) in batch.iter_mut().enumerate() {
-        if !runnable.contains(&i) {
+        if next_runnable.next_if_eq(&i).is_none() {
             continue;
         }
         let reading_prompt = !job.generation.is_decoding();

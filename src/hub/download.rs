@@ -552,29 +552,28 @@ mod tests {
         assert!(msg.contains("timed out"), "{msg}");
     }
 
+    /// The error of a fetch from a hub that misbehaves so, and the bytes of the partial file it left.
+    fn refused_fetch(misbehaviour: Misbehaviour) -> (String, u64) {
+        let hub = hostile(COMMIT, ETAG, misbehaviour);
+        let cache = TempDir::new().unwrap();
+        let cfg = config(hub.endpoint(), &cache);
+        let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
+        let part = cfg
+            .cache_dir
+            .join("models--owner--model/blobs")
+            .join(format!("{ETAG}.part"));
+        (msg, std::fs::metadata(&part).unwrap().len())
+    }
+
     #[test]
     fn sizes_past_the_announced_one_or_the_disk_are_refused() {
-        let hub = hostile(COMMIT, ETAG, Misbehaviour::Overflow);
-        let cache = TempDir::new().unwrap();
-        let cfg = config(hub.endpoint(), &cache);
-        let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
+        let (msg, kept) = refused_fetch(Misbehaviour::Overflow);
         assert!(msg.contains("more of m.gguf than the 50000 bytes"), "{msg}");
-        let part = cfg
-            .cache_dir
-            .join("models--owner--model/blobs")
-            .join(format!("{ETAG}.part"));
-        assert!(std::fs::metadata(&part).unwrap().len() <= 50_000);
+        assert!(kept <= 50_000);
 
-        let hub = hostile(COMMIT, ETAG, Misbehaviour::Huge);
-        let cache = TempDir::new().unwrap();
-        let cfg = config(hub.endpoint(), &cache);
-        let msg = hub_message(fetch_with(&cfg, "owner/model", "m.gguf", "main", false));
+        let (msg, kept) = refused_fetch(Misbehaviour::Huge);
         assert!(msg.contains("bytes free"), "{msg}");
-        let part = cfg
-            .cache_dir
-            .join("models--owner--model/blobs")
-            .join(format!("{ETAG}.part"));
-        assert_eq!(std::fs::metadata(&part).unwrap().len(), 0);
+        assert_eq!(kept, 0);
     }
 
     #[test]

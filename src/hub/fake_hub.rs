@@ -173,17 +173,17 @@ fn serve(
                 announced.saturating_sub(1)
             )
         };
+        // The whole body announced, half of it sent.
+        let send_half = |out: &mut TcpStream| -> std::io::Result<()> {
+            let header = partial(body.len());
+            write!(out, "{header}Content-Length: {}\r\n\r\n", body.len())?;
+            out.write_all(&body[..half])?;
+            out.flush()
+        };
         match (range, download) {
             (Some("bytes=0-0"), _) | (_, Misbehaviour::None) => {}
             (_, Misbehaviour::Stall) => {
-                write!(
-                    out,
-                    "{}Content-Length: {}\r\n\r\n",
-                    partial(body.len()),
-                    body.len()
-                )?;
-                out.write_all(&body[..half])?;
-                out.flush()?;
+                send_half(&mut out)?;
                 // Held open by a thread of its own, so that the hub serves the next request.
                 std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_secs(30));
@@ -191,26 +191,19 @@ fn serve(
                 });
                 return Ok(());
             }
-            (_, Misbehaviour::Overflow) => {
-                write!(out, "{}\r\n", partial(half))?;
-                out.write_all(body)?;
-                return out.flush();
-            }
-            (_, Misbehaviour::Huge) => {
-                write!(out, "{}\r\n", partial(1 << 62))?;
+            (_, Misbehaviour::Overflow | Misbehaviour::Huge) => {
+                // More than announced, or an announced size no disk holds.
+                let announced = match download {
+                    Misbehaviour::Overflow => half,
+                    _ => 1 << 62,
+                };
+                write!(out, "{}\r\n", partial(announced))?;
                 out.write_all(body)?;
                 return out.flush();
             }
             (_, Misbehaviour::CutOnce(cut)) => {
                 if !cut.swap(true, Ordering::Relaxed) {
-                    write!(
-                        out,
-                        "{}Content-Length: {}\r\n\r\n",
-                        partial(body.len()),
-                        body.len()
-                    )?;
-                    out.write_all(&body[..half])?;
-                    return out.flush();
+                    return send_half(&mut out);
                 }
             }
         }
