@@ -7,12 +7,14 @@ use std::sync::Arc;
 use crate::chat_template::{ChatTemplate, Message};
 use crate::constraint::Grammars;
 use crate::error::{Error, Result};
+use crate::generate::conversation::Conversation;
 use crate::generate::prefix_pool::DEFAULT_CACHE_BYTES;
+use crate::generate::runtime::Runtime;
 use crate::generate::scheduler::DEFAULT_MAX_BATCH;
 use crate::generate::{Generation, GenerationParams, PrefixPool, Scheduler, StreamHandle};
 use crate::gguf::names;
 use crate::gguf::{GgufFile, Value};
-use crate::model::{KvCache, Phi3Model, SeqInput, Workspace};
+use crate::model::{Phi3Model, Runner};
 use crate::tokenizer::Tokenizer;
 
 /// Most worker threads a caller may ask for.
@@ -48,31 +50,11 @@ pub enum Prompt {
 
 pub struct Engine {
     path: PathBuf,
-    model: Phi3Model,
-    tokenizer: Arc<Tokenizer>,
+    runtime: Arc<Runtime>,
     template: ChatTemplate,
     /// The GGUF key/values that are not arrays, for callers to inspect.
     metadata: Vec<(String, Value)>,
-    pool: rayon::ThreadPool,
-    prefix_pool: PrefixPool,
     scheduler: Scheduler,
-    grammars: Grammars,
-    /// Last, so that it drops after the weights.
-    _release: ReleaseMemoryOnDrop,
-}
-
-/// Hands the pages of a dropped model back to the OS. glibc keeps freed heap memory for reuse,
-/// so without this a deleted model can seem to stay in the process's memory.
-struct ReleaseMemoryOnDrop;
-
-impl Drop for ReleaseMemoryOnDrop {
-    fn drop(&mut self) {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only returns free memory to the OS; it has no preconditions.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
 }
 
 impl Engine {
@@ -132,18 +114,17 @@ impl Engine {
             .filter(|(_, v)| !matches!(v, Value::Array(_)))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let tokenizer = Arc::new(tokenizer);
+        let runtime = Runtime::new(
+            Runner::new(model, pool),
+            Arc::new(tokenizer),
+            options.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
+        );
         Ok(Self {
             path: path.to_path_buf(),
-            model,
-            grammars: Grammars::new(tokenizer.clone()),
-            tokenizer,
+            runtime: Arc::new(runtime),
             template,
             metadata,
-            pool,
-            prefix_pool: PrefixPool::new(options.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES)),
             scheduler: Scheduler::new(options.max_batch.unwrap_or(DEFAULT_MAX_BATCH))?,
-            _release: ReleaseMemoryOnDrop,
         })
     }
 
@@ -152,11 +133,11 @@ impl Engine {
     }
 
     pub fn model(&self) -> &Phi3Model {
-        &self.model
+        self.runtime.runner.model()
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
-        &self.tokenizer
+        &self.runtime.tokenizer
     }
 
     pub fn metadata(&self) -> &[(String, Value)] {
@@ -164,20 +145,20 @@ impl Engine {
     }
 
     pub fn context_length(&self) -> usize {
-        self.model.context_length()
+        self.runtime.runner.context_length()
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.model.vocab_size()
+        self.runtime.runner.vocab_size()
     }
 
     pub fn prefix_pool(&self) -> &PrefixPool {
-        &self.prefix_pool
+        &self.runtime.prefix_pool
     }
 
     /// Compiles and keeps the constraints of structured output.
     pub fn grammars(&self) -> &Grammars {
-        &self.grammars
+        &self.runtime.grammars
     }
 
     pub fn scheduler(&self) -> &Scheduler {
@@ -190,22 +171,7 @@ impl Engine {
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
-    }
-
-    /// Runs the model on this engine's thread pool.
-    pub(crate) fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.pool.install(|| self.model.forward(tokens, cache))
-    }
-
-    /// Runs several sequences through one pass of the model on this engine's thread pool.
-    pub(crate) fn forward_batch(
-        &self,
-        seqs: &mut [SeqInput<'_>],
-        workspace: &mut Workspace,
-    ) -> Result<Vec<f32>> {
-        self.pool
-            .install(|| self.model.forward_batch(seqs, workspace))
+        self.runtime.runner.threads()
     }
 
     pub fn apply_chat_template(
@@ -217,44 +183,32 @@ impl Engine {
     }
 
     pub fn tokenize(&self, text: &str, add_bos: bool, special: bool) -> Result<Vec<u32>> {
-        self.tokenizer.encode(text, add_bos, special)
+        self.tokenizer().encode(text, add_bos, special)
     }
 
     /// The text of `ids`, as `tokenize` would have read it: a leading BOS (which tokenize adds)
     /// and SentencePiece's leading space are not part of it.
     pub fn detokenize(&self, ids: &[u32]) -> Result<String> {
-        self.check_token_ids(ids)?;
-        let ids = match (ids.first(), self.tokenizer.bos_id()) {
+        self.runtime.runner.check_token_ids("ids", ids)?;
+        let tokenizer = self.tokenizer();
+        let ids = match (ids.first(), tokenizer.bos_id()) {
             (Some(first), Some(bos)) if *first == bos => &ids[1..],
             _ => ids,
         };
-        let text = self.tokenizer.decode(ids, false)?;
+        let text = tokenizer.decode(ids, false)?;
         Ok(match text.strip_prefix(' ') {
-            Some(rest) if self.tokenizer.strips_leading_space() => rest.to_string(),
+            Some(rest) if tokenizer.strips_leading_space() => rest.to_string(),
             _ => text,
         })
     }
 
-    pub fn check_token_ids(&self, ids: &[u32]) -> Result<()> {
-        let vocab = self.vocab_size();
-        match ids.iter().position(|&id| id as usize >= vocab) {
-            Some(i) => Err(Error::invalid_argument(format!(
-                "prompt: token id {} at index {i} is out of range (vocabulary of {vocab})",
-                ids[i]
-            ))),
-            None => Ok(()),
-        }
-    }
-
-    /// The prompt's token ids, with exactly one BOS where the model wants one.
+    /// The prompt's token ids, with exactly one BOS where the model wants one. Ids given as
+    /// they are are checked where a generation starts from them.
     pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        let add_bos = self.tokenizer.add_bos_default();
+        let add_bos = self.tokenizer().add_bos_default();
         let ids = match prompt {
-            Prompt::Ids(ids) => {
-                self.check_token_ids(ids)?;
-                ids.clone()
-            }
-            Prompt::Raw(text) => self.tokenizer.encode(text, add_bos, true)?,
+            Prompt::Ids(ids) => ids.clone(),
+            Prompt::Raw(text) => self.tokenizer().encode(text, add_bos, true)?,
             Prompt::Text(text) => {
                 let message = Message {
                     role: "user".into(),
@@ -272,9 +226,9 @@ impl Engine {
 
     fn encode_chat(&self, messages: &[Message], add_bos: bool) -> Result<Vec<u32>> {
         let text = self.template.render(messages, true)?;
-        let mut ids = self.tokenizer.encode(&text, add_bos, true)?;
+        let mut ids = self.tokenizer().encode(&text, add_bos, true)?;
         // Templates that print the BOS themselves would give two.
-        if let Some(bos) = self.tokenizer.bos_id() {
+        if let Some(bos) = self.tokenizer().bos_id() {
             if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
                 ids.remove(0);
             }
@@ -282,15 +236,23 @@ impl Engine {
         Ok(ids)
     }
 
-    pub fn generate(
-        self: &Arc<Self>,
-        prompt: &Prompt,
-        params: GenerationParams,
-    ) -> Result<Generation> {
+    pub fn generate(&self, prompt: &Prompt, params: GenerationParams) -> Result<Generation> {
         // Arguments first (Generation::new checks them again, cheaply): no tokenizing for a
         // call that is going to fail.
         params.validate()?;
         let ids = self.encode_prompt(prompt)?;
-        Generation::new(self.clone(), ids, params, None, None)
+        Generation::new(self.runtime.clone(), ids, params, None, None)
+    }
+
+    /// Appends the user message `text` to `conversation` and starts generating the answer.
+    pub fn turn(
+        &self,
+        conversation: &Arc<Conversation>,
+        text: &str,
+        params: GenerationParams,
+    ) -> Result<Generation> {
+        conversation.turn(&self.runtime, text, params, |messages| {
+            self.encode_prompt(&Prompt::Messages(messages.to_vec()))
+        })
     }
 }

@@ -6,19 +6,20 @@
 
 pub mod conversation;
 pub mod prefix_pool;
+pub mod runtime;
 pub mod scheduler;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::constraint::{Constraint, ConstraintState};
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, SeqInput};
 use crate::sampling::{LogSoftmax, Sampler, SamplingParams};
 use crate::tokenizer::DecodeStream;
 use conversation::Conversation;
 pub use prefix_pool::PrefixPool;
+pub use runtime::Runtime;
 pub use scheduler::{Scheduler, StreamHandle};
 
 /// Prompt tokens per forward pass while prefilling.
@@ -128,7 +129,7 @@ pub enum Event {
 }
 
 pub struct Generation {
-    engine: Arc<Engine>,
+    runtime: Arc<Runtime>,
     params: GenerationParams,
     prompt: Vec<u32>,
     cache: KvCache,
@@ -157,14 +158,15 @@ impl Generation {
     /// A generation of `prompt` (checked token ids), starting from `cache` when given (which
     /// holds a prefix of the prompt), else from what the prefix pool holds.
     pub(crate) fn new(
-        engine: Arc<Engine>,
+        runtime: Arc<Runtime>,
         prompt: Vec<u32>,
         params: GenerationParams,
         cache: Option<KvCache>,
         conversation: Option<Arc<Conversation>>,
     ) -> Result<Self> {
         params.validate()?;
-        let context = engine.context_length();
+        let runner = &runtime.runner;
+        let context = runner.context_length();
         if prompt.is_empty() {
             return Err(Error::invalid_argument("prompt: no tokens to start from"));
         }
@@ -176,8 +178,8 @@ impl Generation {
         }
         // Checked here, not only where the prompt was encoded: a scheduler pass refuses a batch
         // with a bad id in it.
-        engine.check_token_ids(&prompt)?;
-        let vocab = engine.vocab_size();
+        runner.check_token_ids("prompt", &prompt)?;
+        let vocab = runner.vocab_size();
         if let Some(&(id, _)) = params
             .sampling
             .logit_bias
@@ -196,14 +198,14 @@ impl Generation {
                 c.truncate(reusable);
                 c
             })
-            .or_else(|| engine.prefix_pool().lookup(&prompt, reusable))
-            .unwrap_or_else(|| engine.model().new_cache());
+            .or_else(|| runtime.prefix_pool.lookup(&prompt, reusable))
+            .unwrap_or_else(|| runner.new_cache());
         let constraint = params
             .constraint
             .as_ref()
-            .map(|c| engine.grammars().start(c))
+            .map(|c| runtime.grammars.start(c))
             .transpose()?;
-        let mut decoder = DecodeStream::new(engine.tokenizer().clone(), true);
+        let mut decoder = DecodeStream::new(runtime.tokenizer.clone(), true);
         if constraint.is_some() {
             // The constraint saw the dummy prefix's space; so does the caller.
             decoder = decoder.keeping_leading_space();
@@ -211,7 +213,7 @@ impl Generation {
         let stop_ids = if params.ignore_eos && constraint.is_none() {
             Vec::new()
         } else {
-            engine.tokenizer().stop_ids()
+            runtime.tokenizer.stop_ids()
         };
         Ok(Self {
             sampler: Sampler::new(params.sampling.clone()),
@@ -222,7 +224,7 @@ impl Generation {
                 ..Stats::default()
             },
             history: prompt.clone(),
-            engine,
+            runtime,
             params,
             prompt,
             cache,
@@ -243,8 +245,8 @@ impl Generation {
         &self.stats
     }
 
-    pub(crate) fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
     }
 
     /// The prompt is in the cache: each pass from now on evaluates one sampled token.
@@ -255,9 +257,9 @@ impl Generation {
     /// Does one unit of work: a chunk of the prompt, or one token, through the model alone.
     /// (The [`Scheduler`] does the same for many generations, batching their model work.)
     pub fn step(&mut self) -> Result<Event> {
-        let engine = self.engine.clone();
+        let runtime = self.runtime.clone();
         if let Some(input) = self.input(PREFILL_CHUNK) {
-            let logits = engine.forward(input.tokens, input.cache)?;
+            let logits = runtime.runner.forward(input.tokens, input.cache)?;
             self.evaluated(logits);
         }
         self.produce()
@@ -351,7 +353,7 @@ impl Generation {
             let text = self.held[..at].to_string();
             // What follows the stop string is not part of the answer.
             self.held.clear();
-            self.decoder = DecodeStream::new(self.engine.tokenizer().clone(), false);
+            self.decoder = DecodeStream::new(self.runtime.tokenizer.clone(), false);
             self.finish(FinishReason::Stop);
             return Ok(Event::Token(piece(text)));
         }
@@ -368,7 +370,7 @@ impl Generation {
             return Ok(Event::Token(piece(text + &tail)));
         }
         if self.stats.generated_tokens >= self.params.max_tokens
-            || self.cache.len() >= self.engine.context_length()
+            || self.cache.len() >= self.runtime.runner.context_length()
         {
             let tail = self.finish(FinishReason::Length);
             return Ok(Event::Token(piece(text + &tail)));
@@ -424,13 +426,13 @@ impl Drop for Generation {
     /// Whether it finished or was abandoned, what the cache holds is valid for its tokens: it
     /// goes to the pool, and to the conversation with the answer so far.
     fn drop(&mut self) {
-        let cache = std::mem::replace(&mut self.cache, self.engine.model().new_cache());
+        let cache = std::mem::replace(&mut self.cache, self.runtime.runner.new_cache());
         let tokens = &self.history[..cache.len().min(self.history.len())];
         if let Some(conversation) = &self.conversation {
             let answer = std::mem::take(&mut self.answer);
             conversation.end_turn(answer, tokens.to_vec(), cache.clone());
         }
-        self.engine.prefix_pool().insert(tokens, cache);
+        self.runtime.prefix_pool.insert(tokens, cache);
     }
 }
 
@@ -458,7 +460,7 @@ fn longest_stop_prefix(text: &str, stops: &[String]) -> usize {
 mod tests {
     use super::*;
     use crate::chat_template::Message;
-    use crate::engine::{EngineOptions, Prompt};
+    use crate::engine::{Engine, EngineOptions, Prompt};
     use crate::test_support::fixture;
 
     fn engine(cache_bytes: usize) -> Arc<Engine> {

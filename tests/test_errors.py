@@ -21,7 +21,7 @@ HOCKEY = "Write a haiku about ice hockey"
         ([], {}, ValueError, "empty"),
         ([1, -5], {}, ValueError, r"prompt\[1\]"),
         ([1, 10**12], {}, ValueError, r"prompt\[1\]"),
-        ([1, 999_999], {}, ValueError, "out of range"),
+        ([1, 999_999], {}, ValueError, r"prompt: token id 999999 at index 1 is out of range"),
         ([1, "a"], {}, TypeError, r"prompt\[1\]"),
         ([{"role": "wizard", "content": "hi"}], {}, ValueError, "role"),
         ([{"role": "user"}], {}, ValueError, "content"),
@@ -53,6 +53,19 @@ def test_bad_arguments(haiku: Phi3, prompt: Any, kwargs: dict[str, Any], error: 
     described = " ".join([str(info.value), *getattr(info.value, "__notes__", [])])
     assert re.search(match, described), described
     assert haiku.generate(HOCKEY, temperature=0, max_tokens=5) == "Puck skims the"
+
+
+@pytest.mark.parametrize(
+    "ids,error,match",
+    [
+        ([1, 999_999], ValueError, r"ids: token id 999999 at index 1 is out of range"),
+        ([1, -1], ValueError, r"ids\[1\]"),
+        ("hello", TypeError, "ids must be"),
+    ],
+)
+def test_bad_detokenize_arguments(haiku: Phi3, ids: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        haiku.detokenize(ids)
 
 
 def test_missing_file() -> None:

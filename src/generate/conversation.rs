@@ -3,9 +3,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Generation, GenerationParams};
+use super::{Generation, GenerationParams, Runtime};
 use crate::chat_template::Message;
-use crate::engine::{Engine, Prompt};
 use crate::error::{Error, Result};
 use crate::model::KvCache;
 
@@ -60,12 +59,14 @@ impl Conversation {
     }
 
     /// Appends the user message `text` and starts generating the answer, from this
-    /// conversation's own cache of its previous turn.
+    /// conversation's own cache of its previous turn. `encode` gives the prompt of the
+    /// messages (the chat template's work, which lives above the generation loop).
     pub fn turn(
         self: &Arc<Self>,
-        engine: &Arc<Engine>,
+        runtime: &Arc<Runtime>,
         text: &str,
         params: GenerationParams,
+        encode: impl FnOnce(&[Message]) -> Result<Vec<u32>>,
     ) -> Result<Generation> {
         params.validate()?;
         let mut state = self.lock();
@@ -75,7 +76,7 @@ impl Conversation {
             ));
         }
         state.messages.push(Message::new("user", text));
-        let prompt = match engine.encode_prompt(&Prompt::Messages(state.messages.clone())) {
+        let prompt = match encode(&state.messages) {
             Ok(prompt) => prompt,
             Err(e) => {
                 state.messages.pop();
@@ -85,7 +86,7 @@ impl Conversation {
         let cache = state.cached.as_ref().map(|(tokens, cache)| {
             cache.prefix(super::prefix_pool::common_prefix(tokens, &prompt))
         });
-        match Generation::new(engine.clone(), prompt, params, cache, Some(self.clone())) {
+        match Generation::new(runtime.clone(), prompt, params, cache, Some(self.clone())) {
             Ok(generation) => {
                 state.in_turn = true;
                 Ok(generation)
@@ -109,7 +110,7 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::EngineOptions;
+    use crate::engine::{Engine, EngineOptions, Prompt};
     use crate::generate::Event;
     use crate::sampling::SamplingParams;
     use crate::test_support::fixture;
@@ -156,7 +157,7 @@ mod tests {
         let topics = ["ice hockey", "autumn rain", "a lighthouse"];
         for (i, topic) in topics.iter().enumerate() {
             let text = format!("Write a haiku about {topic}");
-            let (answer, stats) = run(chat.turn(&engine, &text, greedy(40)).unwrap());
+            let (answer, stats) = run(engine.turn(&chat, &text, greedy(40)).unwrap());
             let messages = chat.messages();
             assert_eq!(messages.len(), 2 * (i + 1));
             assert_eq!(messages.last().unwrap().content, answer);
@@ -182,16 +183,16 @@ mod tests {
     fn one_turn_at_a_time() {
         let engine = engine(0);
         let chat = Arc::new(Conversation::new(Some("Be brief.".into())));
-        let first = chat
-            .turn(&engine, "Write a haiku about snow", greedy(5))
+        let first = engine
+            .turn(&chat, "Write a haiku about snow", greedy(5))
             .unwrap();
-        assert!(chat.turn(&engine, "again", greedy(5)).is_err());
+        assert!(engine.turn(&chat, "again", greedy(5)).is_err());
         assert!(chat.reset().is_err());
         drop(first);
         // An abandoned turn keeps its (empty) answer; the chat goes on.
         assert_eq!(chat.messages().len(), 3);
-        run(chat
-            .turn(&engine, "Write a haiku about rain", greedy(5))
+        run(engine
+            .turn(&chat, "Write a haiku about rain", greedy(5))
             .unwrap());
         chat.reset().unwrap();
         assert_eq!(chat.messages().len(), 1);

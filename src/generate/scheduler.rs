@@ -353,9 +353,9 @@ fn forward(
         PREFILL_CHUNK
     };
     let mut prompt_budget = full_budget;
-    let Some(engine) = runnable
+    let Some(runtime) = runnable
         .first()
-        .map(|&i| batch[i].generation.engine().clone())
+        .map(|&i| batch[i].generation.runtime().clone())
     else {
         return Vec::new();
     };
@@ -382,8 +382,9 @@ fn forward(
     if inputs.is_empty() {
         return Vec::new();
     }
-    let vocab = engine.vocab_size();
-    match engine.forward_batch(&mut inputs, workspace) {
+    let runner = &runtime.runner;
+    let vocab = runner.vocab_size();
+    match runner.forward_batch(&mut inputs, workspace) {
         Ok(logits) => {
             drop(inputs);
             for (&i, row) in members.iter().zip(logits.chunks_exact(vocab)) {
@@ -399,7 +400,7 @@ fn forward(
                 let Some(input) = generation.input(full_budget) else {
                     continue;
                 };
-                match engine.forward_batch(&mut [input], workspace) {
+                match runner.forward_batch(&mut [input], workspace) {
                     Ok(logits) => generation.evaluated(logits),
                     Err(e) => failed.push((i, e)),
                 }

@@ -61,7 +61,7 @@ impl PyChat {
         let params = options.params()?;
         let (engine, conversation) = (&self.engine, &self.conversation);
         let handle = detached(py, || {
-            let generation = conversation.turn(engine, &text, params)?;
+            let generation = engine.turn(conversation, &text, params)?;
             Ok(engine.submit(generation))
         })?;
         Ok(PyStream::new(handle, engine.clone(), options.details))
