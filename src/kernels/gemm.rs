@@ -9,6 +9,9 @@
 //! - AVX-512 VNNI, quantized types: the tile and the activations are repacked into panels on
 //!   which one `vpdpbusd` works on 16 scale groups at once, and a microkernel takes 3 weight rows
 //!   by 4 activation rows (`x86::avx512_gemm`).
+//! - AVX-512 VNNI, quantized types, fewer than [`PACKED_MIN_ROWS`] rows: the kernels gemv runs
+//!   for one row, taking up to [`GROUP`] activation rows per weight block (`x86::avx512_rows`),
+//!   bit for bit gemv's row by row.
 //! - AVX2, quantized types: gemv's kernels taking [`GROUP`] activation rows per weight block.
 //! - Scalar, and F16/F32 at every level: gemv's dot per (weight row, activation row) pair.
 //!
@@ -28,6 +31,8 @@ use crate::error::{Error, Result};
 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
+#[cfg(target_arch = "x86_64")]
+use super::x86::avx512_rows::Q8KRows;
 
 /// Weight rows per rayon task for the gemv-based kernels: 32 rows of a 3072-column Q4_K matrix
 /// are 54 KiB, well inside L2 next to the activations streaming through.
@@ -36,12 +41,13 @@ pub const TILE_ROWS: usize = 32;
 /// Activation rows the gemv-based kernels take per weight block.
 pub const GROUP: usize = 4;
 
-/// The fewest activation rows worth repacking the weights for (AVX-512): below this, gemv's
+/// The fewest activation rows worth repacking the weights for (AVX-512): below this, the
 /// kernels with each weight block unpacked once for every row (`x86::avx512_rows`) are faster.
-/// Measured on Phi-3-mini's Q4_K and Q6_K matrices, 2 threads, as a speed-up over one gemv per
-/// row: 4 rows 1.72x against the panel kernel's 1.2x, 6 rows 1.59x against 1.42x, 8 rows 1.7x
-/// against 1.85x.
-pub(super) const PACKED_MIN_ROWS: usize = 8;
+/// Measured on 16384 x 3072 matrices streamed from memory, 2 threads (Xeon, AVX-512 VNNI), ns
+/// per weight block, rows kernels against the panel kernel: Q4_K 8 rows 16.2 against 22.9, 12
+/// rows 24.9 against 26.0, 16 rows 33.4 against 29.3; Q6_K 8 rows 19.4 against 23.9, 12 rows
+/// 27.6 against 27.1, 16 rows 36.0 against 30.9.
+pub(super) const PACKED_MIN_ROWS: usize = 12;
 
 /// `out[i * rows + r] = dot(row r of W, row i of x)` for `i in 0..n`, `r in 0..rows`, at
 /// [`level`].
@@ -105,23 +111,38 @@ pub fn gemm_at(
     }
 
     let out = SharedOut::new(out, rows, n);
+    // AVX-512, a few rows: the K-quants' kernels take each group of rows prepared once; the
+    // other types', the rows as they are.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! few_rows {
+        ($w:expr, $y:expr, $rows_dot:ident, none) => {
+            // SAFETY: `level <= hardware_level()` (checked above), so the CPU has AVX-512
+            // F/BW/VL/VNNI.
+            groups_par($w, bpr, $y, n, &out, |w, ys, o| unsafe {
+                x86::avx512_rows::$rows_dot(w, ys, o)
+            })
+        };
+        ($w:expr, $y:expr, $rows_dot:ident, $prepare:ident) => {
+            // SAFETY: as above.
+            prepared_groups_par($w, bpr, $y, n, &out, Q8KRows::$prepare, |w, y, o| unsafe {
+                x86::avx512_rows::$rows_dot(w, y, o)
+            })
+        };
+    }
     // Each arm: the weights as blocks, then the level's kernels. The quantized types at the lower
     // levels take their activations quantized once, as gemv does.
     macro_rules! quantized {
-        ($block:ty, $quantize:ident, $dot:ident, $rows_dot:ident, $kind:ident, $v:literal) => {{
+        ($block:ty, $quantize:ident, $dot:ident, $rows_dot:ident, $prepare:tt, $kind:ident, $v:literal) => {{
             let w = cast_slice::<$block>(weights, "weights")?;
             match level {
-                // A few rows (decoding streams): gemv's kernels with each weight block unpacked
-                // once for every activation row, the weights read from memory once. Repacking
-                // the weights for the panel kernel costs about as much as 3 gemv calls.
+                // A few rows (decoding streams): the kernels of `avx512_rows`, which gemv runs
+                // for one row, with each weight block unpacked once for every activation row,
+                // the weights read from memory once. Repacking the weights for the panel kernel
+                // costs about as much as 3 gemv calls.
                 #[cfg(target_arch = "x86_64")]
                 CpuLevel::Avx512Vnni if n < PACKED_MIN_ROWS => {
                     let y = quantize_rows(x, cols, $quantize);
-                    // SAFETY: `level <= hardware_level()` (checked above), so the CPU has
-                    // AVX-512 F/BW/VL/VNNI.
-                    groups_par(w, bpr, &y, n, &out, |w, ys, o| unsafe {
-                        x86::avx512_rows::$rows_dot(w, ys, o)
-                    })
+                    few_rows!(w, &y, $rows_dot, $prepare)
                 }
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
@@ -173,11 +194,61 @@ pub fn gemm_at(
         }};
     }
     match dtype {
-        GgmlDType::Q4K => quantized!(BlockQ4K, quantize_q8k, dot_q4k, dot_q4k_rows, Q4K, 8),
-        GgmlDType::Q5K => quantized!(BlockQ5K, quantize_q8k, dot_q5k, dot_q5k_rows, Q5K, 8),
-        GgmlDType::Q6K => quantized!(BlockQ6K, quantize_q8k, dot_q6k, dot_q6k_rows, Q6K, 4),
-        GgmlDType::Q8_0 => quantized!(BlockQ8_0, quantize_q8_0, dot_q8_0, dot_q8_0_rows, Q8_0, 8),
-        GgmlDType::Q4_0 => quantized!(BlockQ4_0, quantize_q8_0, dot_q4_0, dot_q4_0_rows, Q4_0, 8),
+        GgmlDType::Q4K => {
+            quantized!(
+                BlockQ4K,
+                quantize_q8k,
+                dot_q4k,
+                dot_q4k_rows,
+                for_k4,
+                Q4K,
+                8
+            )
+        }
+        GgmlDType::Q5K => {
+            quantized!(
+                BlockQ5K,
+                quantize_q8k,
+                dot_q5k,
+                dot_q5k_rows,
+                for_k4,
+                Q5K,
+                8
+            )
+        }
+        GgmlDType::Q6K => {
+            quantized!(
+                BlockQ6K,
+                quantize_q8k,
+                dot_q6k,
+                dot_q6k_rows,
+                for_q6k,
+                Q6K,
+                4
+            )
+        }
+        GgmlDType::Q8_0 => {
+            quantized!(
+                BlockQ8_0,
+                quantize_q8_0,
+                dot_q8_0,
+                dot_q8_0_rows,
+                none,
+                Q8_0,
+                8
+            )
+        }
+        GgmlDType::Q4_0 => {
+            quantized!(
+                BlockQ4_0,
+                quantize_q8_0,
+                dot_q4_0,
+                dot_q4_0_rows,
+                none,
+                Q4_0,
+                8
+            )
+        }
         GgmlDType::F16 => plain!(f16, dot_f16),
         GgmlDType::F32 => plain!(f32, dot_f32),
         // Refused above; an error rather than a panic should the two lists ever disagree.
@@ -234,6 +305,46 @@ fn groups_par<B: Sync, Y: Sync>(
                     dot(&w[r * per_row..(r + 1) * per_row], &ys[..m], &mut res[..m]);
                     for (k, &v) in res[..m].iter().enumerate() {
                         tile.set(i0 + k, r, v);
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// [`groups_par`] for the AVX-512 K-quant kernels, which take each group of activation rows
+/// prepared once ([`Q8KRows`]), not once per weight row.
+#[cfg(target_arch = "x86_64")]
+fn prepared_groups_par<'y, B: Sync>(
+    w: &[B],
+    per_row: usize,
+    y: &'y [BlockQ8K],
+    n: usize,
+    out: &SharedOut,
+    prepare: fn(&[&'y [BlockQ8K]]) -> Q8KRows<'y>,
+    dot: impl Fn(&[B], &Q8KRows, &mut [f32]) + Sync,
+) {
+    let groups: Vec<Q8KRows> = (0..n)
+        .step_by(GROUP)
+        .map(|i0| {
+            let rows: Vec<_> = (i0..n.min(i0 + GROUP))
+                .map(|i| &y[i * per_row..(i + 1) * per_row])
+                .collect();
+            prepare(&rows)
+        })
+        .collect();
+    tiles_par(
+        out,
+        TILE_ROWS,
+        || (),
+        |(), tile| {
+            let mut res = [0f32; GROUP];
+            for (g, group) in groups.iter().enumerate() {
+                let m = group.count();
+                for r in tile.rows() {
+                    dot(&w[r * per_row..(r + 1) * per_row], group, &mut res[..m]);
+                    for (k, &v) in res[..m].iter().enumerate() {
+                        tile.set(g * GROUP + k, r, v);
                     }
                 }
             }

@@ -92,12 +92,13 @@ fn cols_for(dtype: GgmlDType) -> &'static [usize] {
 }
 
 /// (rows, n): n from 1 to past several activation groups, rows past one tile and odd.
-const SHAPES: [(usize, usize); 7] = [
+const SHAPES: [(usize, usize); 8] = [
     (33, 1),
     (33, 2),
     (7, 3),
     (70, 5),
     (1, 4),
+    (9, 11),
     (33, 17),
     (35, 67),
 ];

@@ -208,10 +208,37 @@ pub fn gemv_at(
             }
         }};
     }
+    // The K-quants: at AVX-512, the kernels batched decode runs on a few rows, for one row, so
+    // that a stream's logits do not depend on whether other streams shared its pass.
+    macro_rules! k_quant {
+        ($block:ty, $kernel:ident, $prepare:ident, $rows_kernel:ident) => {{
+            let w = cast_slice::<$block>(weights, "weights")?;
+            let y = quantize_q8k(x);
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                CpuLevel::Avx512Vnni => {
+                    let y = [x86::avx512_rows::Q8KRows::$prepare(&[&y[..]])];
+                    rows_par(w, bpr, &y, out, |w, y| {
+                        let mut o = [0f32];
+                        // SAFETY: `level <= hardware_level()` (checked above), so the CPU has
+                        // every feature the kernel is compiled for.
+                        unsafe { x86::avx512_rows::$rows_kernel(w, &y[0], &mut o) };
+                        o[0]
+                    })
+                }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                CpuLevel::Avx2 => rows_par(w, bpr, &y[..], out, |w, y| unsafe {
+                    x86::avx2::$kernel(w, y)
+                }),
+                _ => rows_par(w, bpr, &y[..], out, reference::$kernel),
+            }
+        }};
+    }
     match dtype {
-        GgmlDType::Q4K => run!(BlockQ4K, quantize_q8k(x), dot_q4k),
-        GgmlDType::Q5K => run!(BlockQ5K, quantize_q8k(x), dot_q5k),
-        GgmlDType::Q6K => run!(BlockQ6K, quantize_q8k(x), dot_q6k),
+        GgmlDType::Q4K => k_quant!(BlockQ4K, dot_q4k, for_k4, dot_q4k_rows),
+        GgmlDType::Q5K => k_quant!(BlockQ5K, dot_q5k, for_k4, dot_q5k_rows),
+        GgmlDType::Q6K => k_quant!(BlockQ6K, dot_q6k, for_q6k, dot_q6k_rows),
         GgmlDType::Q8_0 => run!(BlockQ8_0, quantize_q8_0(x), dot_q8_0),
         GgmlDType::Q4_0 => run!(BlockQ4_0, quantize_q8_0(x), dot_q4_0),
         GgmlDType::F16 => run!(f16, x, dot_f16),

@@ -2,19 +2,20 @@
 //! with no i16 intermediate. For the K-quants, 64 values go through one 512-bit `vpdpbusd`;
 //! two such results (4 i32 lanes per 16-value group, at most 4 * 63 * 127 = 32004) are packed to
 //! i16 and multiplied by their sub-block scales with one `vpmaddwd`: a scale vector per 128
-//! values, gathered from the block's scales with `vpermw`.
+//! values, gathered from the block's scales with `vpermw`. This file unpacks the K-quant blocks
+//! and makes those scaled sums; `avx512_rows.rs` runs them for one to four activation rows.
 
 use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::avx2::{hsum_ps, hsum_ps128, load128, load256, mins_dot_bsums, q6k_offset};
+use super::avx2::{hsum_ps, load128, load256};
 use super::prefetch_ahead;
 use crate::kernels::blocks::*;
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn load512<T>(p: &[T], at: usize) -> __m512i {
+pub(super) fn load512<T>(p: &[T], at: usize) -> __m512i {
     assert!((at + 64 / size_of::<T>()) <= p.len());
     // SAFETY: 64 bytes from `at` lie within `p` (asserted).
     unsafe { _mm512_loadu_si512(p.as_ptr().add(at).cast()) }
@@ -52,29 +53,38 @@ fn idx(i: &[i16; 32]) -> __m512i {
     load512(i, 0)
 }
 
-/// 256 i8 x u8 products of a K-quant block, weighted by sub-block scales, as 8 i32 lanes.
-/// `v(j)` gives the 64 unsigned values of chunk j (pairing with activations `64j..64j+64`).
+/// 256 u8 x i8 products of a K-quant block with activation block `a`, weighted by sub-block
+/// scales, as 16 i32 lanes (their sum is the block's scaled sum). `values[j]` holds the 64
+/// unsigned values pairing with activations `64j..64j+64`; `scales[p]` the scales of values
+/// `128p..` laid over the lanes as [`pack_index`] describes.
 #[inline]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn k4_scaled_sum(
-    scales: __m512i,
-    a: &BlockQ8K,
-    index: &[__m512i; 2],
-    mut v: impl FnMut(usize) -> __m512i,
-) -> __m256i {
+pub(super) fn scaled_sum(values: &[__m512i; 4], scales: &[__m512i; 2], a: &BlockQ8K) -> __m512i {
     let zero = _mm512_setzero_si512();
     let mut sumi = _mm512_setzero_si512();
-    for (p, index) in index.iter().enumerate() {
-        let dp0 = _mm512_dpbusd_epi32(zero, v(2 * p), load512(&a.qs, 128 * p));
-        let dp1 = _mm512_dpbusd_epi32(zero, v(2 * p + 1), load512(&a.qs, 128 * p + 64));
+    for (p, scales) in scales.iter().enumerate() {
+        let dp0 = _mm512_dpbusd_epi32(zero, values[2 * p], load512(&a.qs, 128 * p));
+        let dp1 = _mm512_dpbusd_epi32(zero, values[2 * p + 1], load512(&a.qs, 128 * p + 64));
         let packed = _mm512_packs_epi32(dp0, dp1);
-        let sc = _mm512_permutexvar_epi16(*index, scales);
-        sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(packed, sc));
+        // `vpmaddwd` and the add in one (no saturation: the same sum).
+        sumi = _mm512_dpwssd_epi32(sumi, packed, *scales);
     }
-    _mm256_add_epi32(
-        _mm512_castsi512_si256(sumi),
-        _mm512_extracti64x4_epi64::<1>(sumi),
-    )
+    sumi
+}
+
+/// The i16 pairs `(v[2g], v[2g + 1])` of the eight i16 from `v[2 * FIRST]` on, for g = 0..4,
+/// each repeated over the four i32 lanes of 128-bit lane g: the layout in which `avx512_rows`
+/// keeps the activation rows' sub-block sums.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn pairs_by_lane<const FIRST: i32>(v: __m512i) -> __m512i {
+    let f = FIRST;
+    #[rustfmt::skip]
+    let index = _mm512_set_epi32(
+        f + 3, f + 3, f + 3, f + 3, f + 2, f + 2, f + 2, f + 2,
+        f + 1, f + 1, f + 1, f + 1, f, f, f, f,
+    );
+    _mm512_permutexvar_epi32(index, v)
 }
 
 /// Nibbles of 32 bytes: low ones in the lower 256 bits, high ones in the upper.
@@ -87,34 +97,36 @@ fn nibbles(q: __m256i) -> __m512i {
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
 }
 
-/// A Q4_K or Q5_K block unpacked for [`k4_block_dot`]: its 256 unsigned values, 64 a vector
-/// (vector j pairs with activations `64j..64j+64`), its sub-block scales as `k4_scaled_sum` takes
-/// them, its mins, and its `d` and `dmin`.
+/// A Q4_K or Q5_K block unpacked for [`scaled_sum`]: its 256 unsigned values, 64 a vector
+/// (vector j pairs with activations `64j..64j+64`), its sub-block scales laid over the lanes,
+/// its mins as [`pairs_by_lane`] lays them, and its `d` and `dmin`.
 pub(super) struct K4Block {
-    values: [__m512i; 4],
-    scales: __m512i,
-    mins: [u8; 8],
-    d: f32,
-    dmin: f32,
+    pub values: [__m512i; 4],
+    pub scales: [__m512i; 2],
+    pub mins: __m512i,
+    pub d: f32,
+    pub dmin: f32,
 }
 
 #[inline]
-#[target_feature(enable = "avx2,f16c,avx512f")]
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw")]
 fn k4_block(d: f16, dmin: f16, scales: &[u8; 12], values: [__m512i; 4]) -> K4Block {
     let (sc, mins) = unpack_scales_k4(scales);
-    let scales =
-        _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(sc))));
+    let widen = |b: [u8; 8]| {
+        _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(b))))
+    };
+    let sc = widen(sc);
     K4Block {
         values,
-        scales,
-        mins,
+        scales: K4_IDX.map(|i| _mm512_permutexvar_epi16(idx(&i), sc)),
+        mins: pairs_by_lane::<0>(widen(mins)),
         d: d.to_f32(),
         dmin: dmin.to_f32(),
     }
 }
 
 #[inline]
-#[target_feature(enable = "avx2,f16c,avx512f")]
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw")]
 pub(super) fn q4k_block(b: &BlockQ4K) -> K4Block {
     let values = std::array::from_fn(|j| nibbles(load256(&b.qs, 32 * j)));
     k4_block(b.d, b.dmin, &b.scales, values)
@@ -136,60 +148,14 @@ pub(super) fn q5k_block(b: &BlockQ5K) -> K4Block {
     k4_block(b.d, b.dmin, &b.scales, values)
 }
 
-/// Adds the products of weight block `w` with activation block `a` to `acc` (scaled sums, mins
-/// part): one step of gemv's K-quant dot, shared by the kernels for several rows.
-#[inline]
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(super) fn k4_block_dot(
-    w: &K4Block,
-    a: &BlockQ8K,
-    index: &[__m512i; 2],
-    acc: &mut (__m256, __m128),
-) {
-    let d = a.d * w.d;
-    let dmin = -a.d * w.dmin;
-    let prod = mins_dot_bsums(&w.mins, a);
-    acc.1 = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc.1);
-    let sumi = k4_scaled_sum(w.scales, a, index, |j| w.values[j]);
-    acc.0 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc.0);
-}
-
-/// `vpermw` indices of [`k4_scaled_sum`] for Q4_K and Q5_K.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-pub(super) fn k4_index() -> [__m512i; 2] {
-    [idx(&K4_IDX[0]), idx(&K4_IDX[1])]
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub fn dot_q4k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    let index = k4_index();
-    let mut acc = (_mm256_setzero_ps(), _mm_setzero_ps());
-    for (b, a) in w.iter().zip(y) {
-        prefetch_ahead(b);
-        k4_block_dot(&q4k_block(b), a, &index, &mut acc);
-    }
-    hsum_ps(acc.0) + hsum_ps128(acc.1)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub fn dot_q5k(w: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    let index = k4_index();
-    let mut acc = (_mm256_setzero_ps(), _mm_setzero_ps());
-    for (b, a) in w.iter().zip(y) {
-        prefetch_ahead(b);
-        k4_block_dot(&q5k_block(b), a, &index, &mut acc);
-    }
-    hsum_ps(acc.0) + hsum_ps128(acc.1)
-}
-
-/// A Q6_K block unpacked for [`q6k_block_dot`]: for each 128-value half, its two vectors of
-/// 64 values (`ql[64n..]`'s low nibbles are values l and l+32, its high ones l+64 and l+96), and
-/// its sub-block scales.
+/// A Q6_K block unpacked for [`scaled_sum`]: its 256 values (`ql[64n..]`'s low nibbles are
+/// values l and l+32 of half n, its high ones l+64 and l+96), its sub-block scales laid over the
+/// lanes, the same scales as [`pairs_by_lane`] lays them (sub-blocks 0-7, then 8-15), and `d`.
 pub(super) struct Q6Block {
-    values: [[__m512i; 2]; 2],
-    scales: __m512i,
-    d: f32,
+    pub values: [__m512i; 4],
+    pub scales: [__m512i; 2],
+    pub scale_pairs: [__m512i; 2],
+    pub d: f32,
 }
 
 #[inline]
@@ -197,7 +163,7 @@ pub(super) struct Q6Block {
 pub(super) fn q6k_block(b: &BlockQ6K) -> Q6Block {
     let m4 = _mm512_set1_epi8(0x0F);
     let m3 = _mm512_set1_epi8(3);
-    let values = std::array::from_fn(|n| {
+    let halves: [[__m512i; 2]; 2] = std::array::from_fn(|n| {
         let ql = load512(&b.ql, 64 * n);
         let qh = load256(&b.qh, 32 * n);
         let hh = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
@@ -209,58 +175,13 @@ pub(super) fn q6k_block(b: &BlockQ6K) -> Q6Block {
         );
         [va, vb]
     });
+    let sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(load128(&b.scales, 0)));
     Q6Block {
-        values,
-        scales: _mm512_castsi256_si512(_mm256_cvtepi8_epi16(load128(&b.scales, 0))),
+        values: [halves[0][0], halves[0][1], halves[1][0], halves[1][1]],
+        scales: Q6_IDX.map(|i| _mm512_permutexvar_epi16(idx(&i), sc)),
+        scale_pairs: [pairs_by_lane::<0>(sc), pairs_by_lane::<4>(sc)],
         d: b.d.to_f32(),
     }
-}
-
-/// `vpermw` indices for Q6_K's scales.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-pub(super) fn q6k_index() -> [__m512i; 2] {
-    [idx(&Q6_IDX[0]), idx(&Q6_IDX[1])]
-}
-
-/// Adds the products of weight block `b` (unpacked as `w`) with activation block `a` to `acc`:
-/// one step of gemv's Q6_K dot.
-#[inline]
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(super) fn q6k_block_dot(
-    w: &Q6Block,
-    b: &BlockQ6K,
-    a: &BlockQ8K,
-    index: &[__m512i; 2],
-    acc: &mut __m256,
-) {
-    let zero = _mm512_setzero_si512();
-    let d = a.d * w.d;
-    let mut sumi = _mm512_setzero_si512();
-    for (n, index) in index.iter().enumerate() {
-        let dp0 = _mm512_dpbusd_epi32(zero, w.values[n][0], load512(&a.qs, 128 * n));
-        let dp1 = _mm512_dpbusd_epi32(zero, w.values[n][1], load512(&a.qs, 128 * n + 64));
-        let packed = _mm512_packs_epi32(dp0, dp1);
-        let sc = _mm512_permutexvar_epi16(*index, w.scales);
-        sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(packed, sc));
-    }
-    let sumi = _mm256_add_epi32(
-        _mm512_castsi512_si256(sumi),
-        _mm512_extracti64x4_epi64::<1>(sumi),
-    );
-    let sumi = _mm256_sub_epi32(sumi, q6k_offset(b, a));
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), *acc);
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub fn dot_q6k(w: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-    let index = q6k_index();
-    let mut acc = _mm256_setzero_ps();
-    for (b, a) in w.iter().zip(y) {
-        prefetch_ahead(b);
-        q6k_block_dot(&q6k_block(b), b, a, &index, &mut acc);
-    }
-    hsum_ps(acc)
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]

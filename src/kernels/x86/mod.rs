@@ -1,11 +1,14 @@
 //! x86_64 kernels. Every kernel here is `#[target_feature]` (or, for a whole product, `unsafe`):
 //! call one only when [`super::hardware_level`] is at least its level.
 
-/// Calls `$kernel::<R>` for `R = $ys.len()` (1 to [`GROUP`](crate::kernels::gemm::GROUP)): the
+/// Calls `$kernel::<R>` for `R = $ys.len()` or `$count` (1 to [`GROUP`](crate::kernels::gemm::GROUP)): the
 /// dispatch of the kernels for several activation rows (`avx2_gemm`, `avx512_rows`).
 macro_rules! by_rows {
     ($kernel:ident, $w:expr, $ys:expr, $out:expr) => {
-        match $ys.len() {
+        by_rows!($kernel, $w, $ys, $out, $ys.len())
+    };
+    ($kernel:ident, $w:expr, $ys:expr, $out:expr, $count:expr) => {
+        match $count {
             1 => $kernel::<1>($w, $ys, $out),
             2 => $kernel::<2>($w, $ys, $out),
             3 => $kernel::<3>($w, $ys, $out),
