@@ -11,6 +11,7 @@
 
 pub mod blocks;
 pub mod cpu_info;
+pub mod dequantize;
 mod gemm;
 pub mod reference;
 pub mod vector;

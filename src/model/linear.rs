@@ -93,19 +93,25 @@ impl Linear {
 
     /// Row `row` of the matrix, dequantized into `out` (`cols` values): an embedding lookup.
     pub fn row(&self, row: usize, out: &mut [f32]) -> Result<()> {
-        let values = match &self.storage {
+        if row >= self.rows || out.len() != self.cols {
+            return Err(Error::invalid_argument(format!(
+                "row {row} of {} ({} values into {})",
+                self.rows,
+                self.cols,
+                out.len()
+            )));
+        }
+        match &self.storage {
             Storage::Mapped { file, tensor } => {
                 let row_bytes = tensor.size_bytes / self.rows;
                 let bytes = &file.tensor_data(tensor)[row * row_bytes..][..row_bytes];
-                let data = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, tensor.dtype)?;
-                QTensor::new(data, self.cols)?.dequantize(&Device::Cpu)?
+                kernels::dequantize::dequantize_row(tensor.dtype, bytes, out)
             }
             Storage::Candle { tensor, .. } => {
                 let id = Tensor::new(&[row as u32], &Device::Cpu)?;
-                tensor.embedding(&id)?.flatten_all()?
+                out.copy_from_slice(&tensor.embedding(&id)?.flatten_all()?.to_vec1::<f32>()?);
+                Ok(())
             }
-        };
-        out.copy_from_slice(&values.to_vec1::<f32>()?);
-        Ok(())
+        }
     }
 }
