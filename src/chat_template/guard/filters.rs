@@ -157,3 +157,54 @@ fn check_format(format: &str, style: Style, args: &[Value]) -> Result<(), Error>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<Value> {
+        args.iter().map(|&a| Value::from(a)).collect()
+    }
+
+    #[test]
+    fn ordinary_formats_pass() {
+        let args = strings(&["user", "hello"]);
+        for (format, style) in [
+            ("<|%s|>%s", Style::Printf),
+            ("%5s: %-10s", Style::Printf),
+            ("100%% %s", Style::Printf),
+            ("<|{}|>{}", Style::StrFormat),
+            ("{0:>8} {1}", Style::StrFormat),
+            ("{{literal}} {}", Style::StrFormat),
+        ] {
+            check_format(format, style, &args).unwrap();
+        }
+    }
+
+    #[test]
+    fn widths_from_arguments_are_refused() {
+        let err = check_format("{:{}}", Style::StrFormat, &strings(&["a", "9"])).unwrap_err();
+        assert!(err.to_string().contains("widths"), "{err}");
+    }
+
+    /// Output bounded by twice the input plus slack: a huge width, or many fields each of which
+    /// may print the long argument, is refused; the same fields over a short argument are not.
+    /// (printf's widths are minijinja's to check.)
+    #[test]
+    fn outputs_far_bigger_than_inputs_are_refused() {
+        let wide = format!("{{:{}}}", FORMAT_SLACK * 4);
+        assert!(check_format(&wide, Style::StrFormat, &strings(&["x"])).is_err());
+        assert!(check_format("{:99999999999999999999999}", Style::StrFormat, &[]).is_err());
+
+        let long = "y".repeat(FORMAT_SLACK);
+        let repeated = "{0}".repeat(8);
+        assert!(check_format(&repeated, Style::StrFormat, &strings(&[&long])).is_err());
+        let printf = "%s".repeat(8);
+        assert!(check_format(&printf, Style::Printf, &strings(&[&long])).is_err());
+        check_format(&repeated, Style::StrFormat, &strings(&["short"])).unwrap();
+        // Escaped braces and percents are text, not fields.
+        let escaped = "{{0}}".repeat(8);
+        check_format(&escaped, Style::StrFormat, &strings(&[&long])).unwrap();
+        check_format(&"%%".repeat(8), Style::Printf, &strings(&[&long])).unwrap();
+    }
+}

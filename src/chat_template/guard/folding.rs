@@ -332,3 +332,52 @@ impl Folding {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(source: &str) -> Result<(), Error> {
+        check_constant_folding(source, minijinja::syntax::SyntaxConfig::default())
+    }
+
+    #[test]
+    fn ordinary_constants_fold() {
+        for source in [
+            "{{ '=' * 80 }}",
+            "{{ [1, 2, 3] + [4] }}",
+            "{% if 'a' ~ 'b' == 'ab' %}yes{% endif %}",
+            "{% for m in messages %}{{ m.content * 2 }}{% endfor %}",
+            "{% set x = [0] * 1000 %}{{ x | length }}",
+        ] {
+            check(source).unwrap_or_else(|e| panic!("{source}: {e}"));
+        }
+    }
+
+    #[test]
+    fn huge_constants_are_refused_before_compiling() {
+        for source in [
+            "{{ [0] * 10**8 }}",
+            "{{ [0] * 10**6 == [0] * 10**6 }}",
+            "{% macro m() %}{{ [[0] * 10**7] }}{% endmacro %}",
+        ] {
+            let err = check(source).expect_err(source);
+            assert!(err.to_string().contains("too large"), "{source}: {err}");
+        }
+    }
+
+    /// The work adds up over a template: a sum of many mid-sized constant lists runs out of
+    /// budget though each part alone is within it.
+    #[test]
+    fn repeated_folding_adds_up() {
+        let part = "([0] * 10000)";
+        let sum = vec![part; 64].join(" + ");
+        assert!(check(&format!("{{{{ {sum} }}}}")).is_err());
+        check(&format!("{{{{ {part} }}}}")).unwrap();
+    }
+
+    #[test]
+    fn a_syntax_error_is_an_error() {
+        assert!(check("{{ [0] * }}").is_err());
+    }
+}

@@ -58,3 +58,30 @@ pub(super) fn namespace_error() -> Error {
          in a list, map or other namespace, nor passed to a filter, function or macro)",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_costs_its_two_slots_its_key_and_its_value() {
+        let value = Measure {
+            bytes: 100,
+            height: 0,
+        };
+        assert_eq!(
+            entry_bytes(&Value::from("name"), value),
+            2 * SLOT_BYTES + 4 + 100
+        );
+        // A key that is not a string counts as a scalar.
+        assert_eq!(
+            entry_bytes(&Value::from(7), value),
+            2 * SLOT_BYTES + SCALAR_BYTES + 100
+        );
+        let huge = Measure {
+            bytes: u64::MAX,
+            height: 0,
+        };
+        assert_eq!(entry_bytes(&Value::from("k"), huge), u64::MAX);
+    }
+}

@@ -324,3 +324,75 @@ fn eager_address(value: &Value) -> Option<usize> {
             .map(|m| m as *const ValueMap as usize)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measure(limit: u64, value: &Value) -> Result<(Option<Value>, Measure), Error> {
+        GuardState::new(limit).visit(value, 0, false, true)
+    }
+
+    #[test]
+    fn strings_and_scalars_measure_their_bytes() {
+        let (sealed, m) = measure(1 << 20, &Value::from("hello")).unwrap();
+        assert!(sealed.is_none());
+        assert_eq!((m.bytes, m.height), (5, 0));
+        assert_eq!(
+            measure(1 << 20, &Value::from(42)).unwrap().1.bytes,
+            SCALAR_BYTES
+        );
+    }
+
+    /// A shared value counts every time it occurs: two copies of a list cost twice one.
+    #[test]
+    fn containers_count_shared_parts_each_time() {
+        let inner = Value::from(vec![Value::from("x".repeat(1000)); 4]);
+        let one = measure(1 << 20, &inner).unwrap().1;
+        let twice = measure(1 << 20, &Value::from(vec![inner.clone(), inner]))
+            .unwrap()
+            .1;
+        assert!(one.bytes >= 4000, "{}", one.bytes);
+        assert!(
+            twice.bytes >= 2 * one.bytes,
+            "{} against {}",
+            twice.bytes,
+            one.bytes
+        );
+        assert_eq!((one.height, twice.height), (1, 2));
+    }
+
+    #[test]
+    fn values_over_the_limit_or_too_deep_are_refused() {
+        let big = Value::from(vec![Value::from("y".repeat(1000)); 100]);
+        assert!(measure(50_000, &big).is_err());
+        measure(200_000, &big).unwrap();
+
+        let mut deep = Value::from(0);
+        for _ in 0..MAX_DEPTH + 2 {
+            deep = Value::from(vec![deep]);
+        }
+        let err = measure(1 << 20, &deep).err().expect("too deep");
+        assert!(err.to_string().contains("deep"), "{err}");
+    }
+
+    /// A lazy sequence (here a range) is sealed into an eager copy with the same items.
+    #[test]
+    fn lazy_sequences_are_copied() {
+        let env = minijinja::Environment::new();
+        let lazy = env
+            .compile_expression("range(5)")
+            .unwrap()
+            .eval(())
+            .unwrap();
+        let (sealed, m) = measure(1 << 20, &lazy).unwrap();
+        let sealed = sealed.expect("a range is lazy");
+        let items: Vec<i64> = sealed
+            .try_iter()
+            .unwrap()
+            .map(|v| i64::try_from(v).unwrap())
+            .collect();
+        assert_eq!(items, [0, 1, 2, 3, 4]);
+        assert_eq!(m.bytes, 5 * (SLOT_BYTES + SCALAR_BYTES));
+    }
+}
