@@ -18,14 +18,12 @@
 //! Results equal gemv's row by row up to float summation order; where the kernels are gemv's own
 //! (scalar, AVX2, F16/F32) they are bit for bit the same.
 
-use std::marker::PhantomData;
-use std::ops::Range;
-
 use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::*;
+use super::tiling::{tiles_par, SharedOut, GROUP, TILE_ROWS};
 use super::{check_kernel, check_weights, gemv_at, level, reference, CpuLevel};
 use crate::error::{Error, Result};
 
@@ -33,13 +31,6 @@ use crate::error::{Error, Result};
 use super::x86;
 #[cfg(target_arch = "x86_64")]
 use super::x86::avx512_rows::Q8KRows;
-
-/// Weight rows per rayon task for the gemv-based kernels: 32 rows of a 3072-column Q4_K matrix
-/// are 54 KiB, well inside L2 next to the activations streaming through.
-pub const TILE_ROWS: usize = 32;
-
-/// Activation rows the gemv-based kernels take per weight block.
-pub const GROUP: usize = 4;
 
 /// The fewest activation rows worth repacking the weights for (AVX-512): below this, the
 /// kernels with each weight block unpacked once for every row (`x86::avx512_rows`) are faster.
@@ -350,79 +341,4 @@ fn prepared_groups_par<'y, B: Sync>(
             }
         },
     );
-}
-
-/// Runs `f` on every tile of `tile_rows` weight rows in parallel, with scratch space from `init`
-/// (made once per rayon job, reused across its tiles).
-pub(super) fn tiles_par<S>(
-    out: &SharedOut,
-    tile_rows: usize,
-    init: impl Fn() -> S + Sync + Send,
-    f: impl Fn(&mut S, &mut Tile) + Sync + Send,
-) {
-    (0..out.rows.div_ceil(tile_rows))
-        .into_par_iter()
-        .for_each_init(init, |scratch, t| {
-            let start = t * tile_rows;
-            // The only Tile of these rows: `tiles_par` makes one per tile index.
-            let mut tile = Tile {
-                out,
-                rows: start..out.rows.min(start + tile_rows),
-            };
-            f(scratch, &mut tile)
-        });
-}
-
-/// The output of one call, shared by its tasks; each writes only through its [`Tile`].
-pub(super) struct SharedOut<'a> {
-    ptr: *mut f32,
-    rows: usize,
-    n: usize,
-    _out: PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: the only writes through `ptr` are `Tile::set`, and the tiles alive at once cover
-// disjoint weight rows (`tiles_par`), so no element is written by two threads.
-unsafe impl Sync for SharedOut<'_> {}
-
-impl<'a> SharedOut<'a> {
-    fn new(out: &'a mut [f32], rows: usize, n: usize) -> Self {
-        assert_eq!(out.len(), rows * n);
-        SharedOut {
-            ptr: out.as_mut_ptr(),
-            rows,
-            n,
-            _out: PhantomData,
-        }
-    }
-}
-
-/// Write access to the outputs of one tile of weight rows, for every activation row.
-pub(super) struct Tile<'a> {
-    out: &'a SharedOut<'a>,
-    rows: Range<usize>,
-}
-
-impl Tile<'_> {
-    /// The weight rows of this tile.
-    pub(super) fn rows(&self) -> Range<usize> {
-        self.rows.clone()
-    }
-
-    /// `out[i * rows + r] = v`, for `r` in this tile.
-    pub(super) fn set(&mut self, i: usize, r: usize, v: f32) {
-        assert!(i < self.out.n && self.rows.contains(&r));
-        // SAFETY: `i < n` and `r < rows`, so the element lies within the `n * rows` of `out`
-        // (asserted in `SharedOut::new`), which `SharedOut` borrows mutably for its lifetime;
-        // only this tile writes row `r`'s outputs.
-        unsafe { *self.out.ptr.add(i * self.out.rows + r) = v }
-    }
-
-    /// `out[i * rows + r] += v`, for `r` in this tile.
-    #[cfg(target_arch = "x86_64")]
-    pub(super) fn add(&mut self, i: usize, r: usize, v: f32) {
-        assert!(i < self.out.n && self.rows.contains(&r));
-        // SAFETY: as in `set`.
-        unsafe { *self.out.ptr.add(i * self.out.rows + r) += v }
-    }
 }

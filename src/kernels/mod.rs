@@ -14,6 +14,7 @@ pub mod cpu_info;
 pub mod dequantize;
 mod gemm;
 pub mod reference;
+mod tiling;
 pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -35,21 +35,17 @@ pub(super) fn randn(rng: &mut StdRng, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A 2-byte aligned copy of `bytes` (a Vec<u16>'s buffer), so tests never depend on the
+/// A 4-byte aligned copy of `bytes` (a Vec<u32>'s buffer), so tests never depend on the
 /// allocator's alignment of a Vec<u8>.
 pub(super) struct Aligned(Vec<u32>, usize);
 impl Aligned {
     pub(super) fn new(bytes: &[u8]) -> Self {
         let mut v = vec![0u32; bytes.len().div_ceil(4)];
-        // SAFETY: v has at least bytes.len() bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len())
-        };
+        bytemuck::cast_slice_mut::<u32, u8>(&mut v)[..bytes.len()].copy_from_slice(bytes);
         Aligned(v, bytes.len())
     }
     pub(super) fn bytes(&self) -> &[u8] {
-        // SAFETY: the buffer holds at least self.1 initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.1) }
+        &bytemuck::cast_slice::<u32, u8>(&self.0)[..self.1]
     }
 }
 

@@ -1,9 +1,9 @@
 //! AVX2 + FMA kernels for [`gemm`](crate::kernels::gemm()): gemv's AVX2 kernels (`avx2.rs`) with
-//! the weight block unpacked once and used for up to [`GROUP`](crate::kernels::gemm::GROUP) activation rows. Each row's integer
+//! the weight block unpacked once and used for up to [`GROUP`](crate::kernels::tiling::GROUP) activation rows. Each row's integer
 //! and float operations are exactly gemv's, in the same order, so every output is bit for bit
 //! gemv's.
 //!
-//! `fn(w, ys, out)`: `out[i] = dot(w, ys[i])` for 1 to [`GROUP`](crate::kernels::gemm::GROUP) activation rows.
+//! `fn(w, ys, out)`: `out[i] = dot(w, ys[i])` for 1 to [`GROUP`](crate::kernels::tiling::GROUP) activation rows.
 
 use std::arch::x86_64::*;
 

@@ -17,7 +17,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::kernels::blocks::*;
-use crate::kernels::gemm::{tiles_par, SharedOut};
+use crate::kernels::tiling::{tiles_par, SharedOut};
 
 /// 16 scale groups of `4 * V` values, transposed (see the module docs), with per-group factors.
 #[repr(C, align(64))]

@@ -18,7 +18,7 @@ use std::arch::x86_64::*;
 use super::avx512::{self, load512, q4k_block, q5k_block, q6k_block, scaled_sum, K4Block};
 use super::{prefetch_ahead, rows};
 use crate::kernels::blocks::*;
-use crate::kernels::gemm::GROUP;
+use crate::kernels::tiling::GROUP;
 
 /// One to [`GROUP`] activation rows quantized to Q8_K, prepared for the K-quant kernels.
 pub struct Q8KRows<'a> {

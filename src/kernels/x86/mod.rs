@@ -1,7 +1,7 @@
 //! x86_64 kernels. Every kernel here is `#[target_feature]` (or, for a whole product, `unsafe`):
 //! call one only when [`super::hardware_level`] is at least its level.
 
-/// Calls `$kernel::<R>` for `R = $ys.len()` or `$count` (1 to [`GROUP`](crate::kernels::gemm::GROUP)): the
+/// Calls `$kernel::<R>` for `R = $ys.len()` or `$count` (1 to [`GROUP`](crate::kernels::tiling::GROUP)): the
 /// dispatch of the kernels for several activation rows (`avx2_gemm`, `avx512_rows`).
 macro_rules! by_rows {
     ($kernel:ident, $w:expr, $ys:expr, $out:expr) => {
@@ -18,7 +18,7 @@ macro_rules! by_rows {
     };
 }
 const _: () = assert!(
-    crate::kernels::gemm::GROUP == 4,
+    crate::kernels::tiling::GROUP == 4,
     "by_rows! covers 1 to 4 rows"
 );
 
