@@ -29,6 +29,7 @@ develop: $(VENV)/.tools
 lint-rust:
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
+	cargo clippy --features fuzzing -- -D warnings
 
 lint-python: $(VENV)/.tools
 	$(VENV)/bin/ruff check $(PY_SOURCES)

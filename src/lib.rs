@@ -8,6 +8,8 @@ pub(crate) mod chat_template;
 pub mod constraint;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod generate;
 pub(crate) mod gguf;
 pub mod hub;
