@@ -29,6 +29,24 @@
 //! value; `filters` replaces the filters whose output can outgrow their input in one step; and
 //! `folding` bounds what minijinja computes while compiling, before any of these run. This file
 //! installs the guards for a render and holds their shared state.
+//!
+//! It stands on minijinja's unstable machinery (compiled instructions, the AST), which is why
+//! minijinja is pinned exactly (`=3.1.0`). Upgrading it, check:
+//! 1. `instructions`: every new or changed `Instruction` (the match is exhaustive, so a new one
+//!    does not compile): does it create a value, walk one, or take arguments? Guard it so.
+//! 2. `folding`: the AST's new expressions and statements (also exhaustive), and which
+//!    expressions the code generator folds with `as_const`, and how often, against
+//!    `Folding::compile`.
+//! 3. Fuel: what minijinja now charges for (strings, list slots, lazy sequences). A lazy kind
+//!    that becomes charged needs no copy; a new lazy kind (a new `ObjectRepr`, a new iterator
+//!    value) must be sealed by `size`.
+//! 4. Built-in filters, functions and tests: any new one whose output can outgrow its input
+//!    in one step (as `tojson`'s indent or `format`'s widths did) gets a bounded version in
+//!    `filters`.
+//! 5. Namespaces (`namespace()`'s object type, `is_sameas`) and `groupby`'s grouper attribute,
+//!    which `namespace` and `size` recognise by shape.
+//! 6. Then the hostile templates (`tests/test_template_limits.py`, `chat_template`'s tests) and
+//!    the `chat_template` fuzz target for 30 minutes (CONTRIBUTING.md).
 
 mod filters;
 mod folding;
