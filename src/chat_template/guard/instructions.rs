@@ -168,3 +168,66 @@ fn check_args<'s>(args: Option<u16>) -> Vec<Instruction<'s>> {
         ],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code<'s>(instructions: Vec<Instruction<'s>>) -> Instructions<'s> {
+        let mut code = Instructions::new("t", "");
+        for instruction in instructions {
+            code.add(instruction);
+        }
+        code
+    }
+
+    fn listing(code: &Instructions<'_>) -> Vec<String> {
+        (0..)
+            .map_while(|i| code.get(i))
+            .map(|i| format!("{i:?}"))
+            .collect()
+    }
+
+    /// Guards go after the instructions that build values, and jumps still land on the
+    /// instruction they aimed at (now further down).
+    #[test]
+    fn guards_follow_builders_and_jumps_follow_their_targets() {
+        let out = instrument(&code(vec![
+            Instruction::LoadConst(Value::from(1)),
+            Instruction::BuildList(Some(1)),
+            Instruction::Jump(4),
+            Instruction::LoadConst(Value::from(2)),
+            Instruction::Emit,
+        ]))
+        .unwrap();
+        let listing = listing(&out);
+        let seal = format!("{:?}", Instruction::CallFunction(SEAL, Some(1)));
+        assert_eq!(listing.len(), 6, "{listing:?}");
+        assert_eq!(listing[2], seal);
+        assert_eq!(listing[3], format!("{:?}", Instruction::Jump(5)));
+        assert_eq!(listing[5], format!("{:?}", Instruction::Emit));
+    }
+
+    /// A map literal's keys and values are checked before it is built, and the map sealed.
+    #[test]
+    fn a_map_literal_has_its_values_checked() {
+        let listing = listing(&instrument(&code(vec![Instruction::BuildMap(2)])).unwrap());
+        assert_eq!(
+            listing,
+            [
+                format!("{:?}", Instruction::CallFunction(ARGS, Some(4))),
+                format!("{:?}", Instruction::UnpackList(4)),
+                format!("{:?}", Instruction::BuildMap(2)),
+                format!("{:?}", Instruction::CallFunction(SEAL, Some(1))),
+            ]
+        );
+    }
+
+    #[test]
+    fn other_templates_are_refused() {
+        for instruction in [Instruction::Include(false), Instruction::LoadBlocks] {
+            let err = instrument(&code(vec![instruction])).unwrap_err();
+            assert!(err.to_string().contains("not supported"), "{err}");
+        }
+    }
+}
