@@ -279,43 +279,23 @@ fn groups_par<B: Sync, Y: Sync>(
     out: &SharedOut,
     dot: impl Fn(&[B], &[&[Y]], &mut [f32]) + Sync,
 ) {
-    tiles_par(
-        out,
-        TILE_ROWS,
-        || (),
-        |(), tile| {
-            let mut ys = [&y[..0]; GROUP];
-            let mut res = [0f32; GROUP];
-            for i0 in (0..n).step_by(GROUP) {
-                let m = GROUP.min(n - i0);
-                for (k, ys) in ys[..m].iter_mut().enumerate() {
-                    let i = i0 + k;
-                    *ys = &y[i * per_row..(i + 1) * per_row];
-                }
-                for r in tile.rows() {
-                    dot(&w[r * per_row..(r + 1) * per_row], &ys[..m], &mut res[..m]);
-                    for (k, &v) in res[..m].iter().enumerate() {
-                        tile.set(i0 + k, r, v);
-                    }
-                }
-            }
-        },
-    );
+    prepared_groups_par(w, per_row, y, n, out, <[&[Y]]>::to_vec, |w, ys, o| {
+        dot(w, ys, o)
+    });
 }
 
-/// [`groups_par`] for the AVX-512 K-quant kernels, which take each group of activation rows
-/// prepared once ([`Q8KRows`]), not once per weight row.
-#[cfg(target_arch = "x86_64")]
-fn prepared_groups_par<'y, B: Sync>(
+/// [`groups_par`] with each group of activation rows made once by `prepare` (for the AVX-512
+/// K-quant kernels, [`Q8KRows`](x86::avx512_rows::Q8KRows)), not once per weight row.
+fn prepared_groups_par<'y, B: Sync, Y: Sync, G: Sync>(
     w: &[B],
     per_row: usize,
-    y: &'y [BlockQ8K],
+    y: &'y [Y],
     n: usize,
     out: &SharedOut,
-    prepare: fn(&[&'y [BlockQ8K]]) -> Q8KRows<'y>,
-    dot: impl Fn(&[B], &Q8KRows, &mut [f32]) + Sync,
+    prepare: impl Fn(&[&'y [Y]]) -> G,
+    dot: impl Fn(&[B], &G, &mut [f32]) + Sync,
 ) {
-    let groups: Vec<Q8KRows> = (0..n)
+    let groups: Vec<G> = (0..n)
         .step_by(GROUP)
         .map(|i0| {
             let rows: Vec<_> = (i0..n.min(i0 + GROUP))
@@ -331,11 +311,12 @@ fn prepared_groups_par<'y, B: Sync>(
         |(), tile| {
             let mut res = [0f32; GROUP];
             for (g, group) in groups.iter().enumerate() {
-                let m = group.count();
+                let i0 = g * GROUP;
+                let m = GROUP.min(n - i0);
                 for r in tile.rows() {
                     dot(&w[r * per_row..(r + 1) * per_row], group, &mut res[..m]);
                     for (k, &v) in res[..m].iter().enumerate() {
-                        tile.set(g * GROUP + k, r, v);
+                        tile.set(i0 + k, r, v);
                     }
                 }
             }
