@@ -240,6 +240,17 @@ impl Phi3Model {
         }
     }
 
+    /// Refuses ids the model has no embedding for, naming `argument` and the first bad index.
+    pub fn check_token_ids(&self, argument: &str, ids: &[u32]) -> Result<()> {
+        match ids.iter().position(|&id| id as usize >= self.vocab_size) {
+            Some(i) => Err(Error::invalid_argument(format!(
+                "{argument}: token id {} at index {i} is out of range (vocabulary of {})",
+                ids[i], self.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// An empty cache, which grows as positions are written, up to the context.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.kv_shape(), self.context_length)
@@ -271,15 +282,8 @@ impl Phi3Model {
                 "forward needs at least one token per sequence",
             ));
         }
-        if let Some(&bad) = seqs
-            .iter()
-            .flat_map(|s| s.tokens.iter())
-            .find(|&&t| t as usize >= self.vocab_size)
-        {
-            return Err(Error::invalid_argument(format!(
-                "token id {bad} is out of range (vocabulary of {})",
-                self.vocab_size
-            )));
+        for s in seqs.iter() {
+            self.check_token_ids("tokens", s.tokens)?;
         }
         for s in seqs.iter_mut() {
             s.cache.reserve(s.tokens.len())?;

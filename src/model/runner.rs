@@ -1,7 +1,7 @@
 //! The model as the generation loop drives it: the weights and the thread pool their work runs
 //! on. Knows nothing of prompts, tokenizers or streams.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{KvCache, Phi3Model, SeqInput, Workspace};
 
 pub struct Runner {
@@ -36,14 +36,7 @@ impl Runner {
 
     /// Refuses ids the model has no embedding for, naming `argument` and the first bad index.
     pub fn check_token_ids(&self, argument: &str, ids: &[u32]) -> Result<()> {
-        let vocab = self.vocab_size();
-        match ids.iter().position(|&id| id as usize >= vocab) {
-            Some(i) => Err(Error::invalid_argument(format!(
-                "{argument}: token id {} at index {i} is out of range (vocabulary of {vocab})",
-                ids[i]
-            ))),
-            None => Ok(()),
-        }
+        self.model.check_token_ids(argument, ids)
     }
 
     /// Runs `tokens` through the model on this runner's threads; the logits of the last one.
