@@ -6,13 +6,13 @@
 //! it a few at a time, so that the tile's weights stay in cache while the activations stream,
 //! and each weight block is unpacked once for several activation rows:
 //!
-//! - AVX-512 VNNI, quantized types: the tile and the activations are repacked into panels on
-//!   which one `vpdpbusd` works on 16 scale groups at once, and a microkernel takes 3 weight rows
-//!   by 4 activation rows (`x86::avx512_gemm`).
-//! - AVX-512 VNNI, quantized types, fewer than [`PACKED_MIN_ROWS`] rows: the kernels gemv runs
-//!   for one row, taking up to [`GROUP`] activation rows per weight block (`x86::avx512_rows`),
-//!   bit for bit gemv's row by row.
-//! - AVX2, quantized types: gemv's kernels taking [`GROUP`] activation rows per weight block.
+//! - AVX-512 VNNI and AVX2, quantized types: the tile and the activations are repacked into
+//!   panels on which one `vpdpbusd` (AVX2: `vpmaddubsw` then `vpmaddwd`) works on 16 (AVX2: 8)
+//!   scale groups at once, and a microkernel takes 3 weight rows by 4 activation rows (AVX2: 1
+//!   by 6) (`panel`, `x86::avx512_gemm`, `x86::avx2_gemm`).
+//! - The same, fewer than [`packed_min_rows`] rows (decoding streams): the kernels gemv runs for
+//!   one row, taking up to [`GROUP`] activation rows per weight block (`x86::avx512_rows`,
+//!   `x86::avx2_rows`), bit for bit gemv's row by row.
 //! - Scalar, and F16/F32 at every level: gemv's dot per (weight row, activation row) pair.
 //!
 //! Results equal gemv's row by row up to float summation order; where the kernels are gemv's own
@@ -28,17 +28,34 @@ use super::{check_kernel, check_weights, gemv_at, level, reference, CpuLevel};
 use crate::error::{Error, Result};
 
 #[cfg(target_arch = "x86_64")]
+use super::panel;
+#[cfg(target_arch = "x86_64")]
 use super::x86;
 #[cfg(target_arch = "x86_64")]
 use super::x86::avx512_rows::Q8KRows;
 
-/// The fewest activation rows worth repacking the weights for (AVX-512): below this, the
-/// kernels with each weight block unpacked once for every row (`x86::avx512_rows`) are faster.
-/// Measured on 16384 x 3072 matrices streamed from memory, 2 threads (Xeon, AVX-512 VNNI), ns
-/// per weight block, rows kernels against the panel kernel: Q4_K 8 rows 16.2 against 22.9, 12
-/// rows 24.9 against 26.0, 16 rows 33.4 against 29.3; Q6_K 8 rows 19.4 against 23.9, 12 rows
-/// 27.6 against 27.1, 16 rows 36.0 against 30.9.
-pub(super) const PACKED_MIN_ROWS: usize = 12;
+/// The fewest activation rows worth repacking the weights of `dtype` into panels for, at
+/// `level`: below this, the kernels with each weight block unpacked once for every row
+/// (`x86::avx512_rows`, `x86::avx2_rows`) are faster.
+///
+/// AVX-512, measured on 16384 x 3072 matrices streamed from memory, 2 threads (Xeon), ns per
+/// weight block, rows kernels against the panel kernel: Q4_K 8 rows 16.2 against 22.9, 12 rows
+/// 24.9 against 26.0, 16 rows 33.4 against 29.3; Q6_K 8 rows 19.4 against 23.9, 12 rows 27.6
+/// against 27.1, 16 rows 36.0 against 30.9.
+///
+/// AVX2, measured on Phi-3-mini's matrices streamed from memory, 2 threads (Zen 3), ms, rows
+/// kernels against the panel kernel: Q4_K 9216 x 3072, 6 rows 3.9-4.8 against 3.5-5.0, 8 rows
+/// 5.0-5.8 against 3.9-5.6, 12 rows 7.8 against 5.4; Q6_K 3072 x 8192, 8 rows 3.4-6.5 against
+/// 5.4-7.6, 12 rows 5.0-6.7 against 6.9-7.3, 16 rows 9.1 against 7.8-8.2. Q4_0 sums as many
+/// products in 16 bits as Q4_K, so it takes Q4_K's threshold; Q5_K and Q8_0, between the two,
+/// take the one between.
+pub(super) fn packed_min_rows(level: CpuLevel, dtype: GgmlDType) -> usize {
+    match (level, dtype) {
+        (CpuLevel::Avx2, GgmlDType::Q4K | GgmlDType::Q4_0) => 8,
+        (CpuLevel::Avx2, GgmlDType::Q6K) => 16,
+        _ => 12,
+    }
+}
 
 /// `out[i * rows + r] = dot(row r of W, row i of x)` for `i in 0..n`, `r in 0..rows`, at
 /// [`level`].
@@ -131,23 +148,28 @@ pub fn gemm_at(
                 // the weights read from memory once. Repacking the weights for the panel kernel
                 // costs about as much as 3 gemv calls.
                 #[cfg(target_arch = "x86_64")]
-                CpuLevel::Avx512Vnni if n < PACKED_MIN_ROWS => {
+                CpuLevel::Avx512Vnni if n < packed_min_rows(level, dtype) => {
                     let y = quantize_rows(x, cols, $quantize);
                     few_rows!(w, &y, $rows_dot, $prepare)
                 }
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
                 CpuLevel::Avx512Vnni => unsafe {
-                    x86::avx512_gemm::gemm::<x86::avx512_gemm::$kind, $v>(w, bpr, x, cols, n, &out)
+                    x86::avx512_gemm::gemm::<panel::$kind, $v>(w, bpr, x, cols, n, &out)
                 },
                 #[cfg(target_arch = "x86_64")]
-                CpuLevel::Avx2 => {
+                CpuLevel::Avx2 if n < packed_min_rows(level, dtype) => {
                     let y = quantize_rows(x, cols, $quantize);
                     // SAFETY: as above, the CPU has AVX2 and FMA.
                     groups_par(w, bpr, &y, n, &out, |w, ys, o| unsafe {
-                        x86::avx2_gemm::$rows_dot(w, ys, o)
+                        x86::avx2_rows::$rows_dot(w, ys, o)
                     })
                 }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                CpuLevel::Avx2 => unsafe {
+                    x86::avx2_gemm::gemm::<panel::$kind, $v>(w, bpr, x, cols, n, &out)
+                },
                 _ => {
                     let y = quantize_rows(x, cols, $quantize);
                     groups_par(w, bpr, &y, n, &out, pairwise(reference::$dot))

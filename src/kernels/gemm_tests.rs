@@ -52,9 +52,9 @@ fn gemv_rows(
 
 /// Whether gemm runs gemv's own kernels at `level`, and so must agree bit for bit.
 fn same_kernels(level: CpuLevel, dtype: GgmlDType, n: usize) -> bool {
-    level < CpuLevel::Avx512Vnni
+    level == CpuLevel::Scalar
         || matches!(dtype, GgmlDType::F16 | GgmlDType::F32)
-        || n < super::gemm::PACKED_MIN_ROWS
+        || n < super::gemm::packed_min_rows(level, dtype)
 }
 
 fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
@@ -133,14 +133,20 @@ fn gemm_matches_gemv_on_random_bits() {
 
 /// Random quant bits with every `d` and `dmin` 1.
 fn unit_scale_blocks(rng: &mut StdRng, dtype: GgmlDType, blocks: usize) -> Aligned {
-    let size = dtype.type_size();
-    let mut bytes: Vec<u8> = (0..blocks * size).map(|_| rng.random()).collect();
+    let bytes = (0..blocks * dtype.type_size())
+        .map(|_| rng.random())
+        .collect();
+    with_unit_scales(dtype, bytes)
+}
+
+/// `bytes`, blocks of `dtype`, with every `d` and `dmin` set to 1.
+fn with_unit_scales(dtype: GgmlDType, mut bytes: Vec<u8>) -> Aligned {
     let at: &[usize] = match dtype {
         GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
         GgmlDType::Q6K => &[208],
         _ => &[0],
     };
-    for blk in bytes.chunks_exact_mut(size) {
+    for blk in bytes.chunks_exact_mut(dtype.type_size()) {
         for &at in at {
             blk[at..at + 2].copy_from_slice(&f16::ONE.to_le_bytes());
         }
@@ -149,12 +155,30 @@ fn unit_scale_blocks(rng: &mut StdRng, dtype: GgmlDType, blocks: usize) -> Align
 }
 
 #[test]
+fn gemm_extreme_values_do_not_overflow() {
+    // Every weight at its largest magnitude (all bits set; Q8_0 at -128) against activations
+    // that all quantize to 127 or -127: the 16-bit sums of the AVX2 panel kernels (several
+    // `vpmaddubsw` added before widening) at their bound.
+    let (rows, cols, n) = (5, 512, 17);
+    for dtype in all_types().filter(|t| t.block_size() > 1) {
+        let fill = if dtype == GgmlDType::Q8_0 { 0x80 } else { 0xFF };
+        let blocks = rows * cols / dtype.block_size();
+        let w = with_unit_scales(dtype, vec![fill; blocks * dtype.type_size()]);
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| if (i / cols) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        check(dtype, w.bytes(), rows, &x, n);
+    }
+}
+
+#[test]
 fn gemm_exact_when_the_arithmetic_is() {
     // Unit weight scales, and activations of small integers with ±127 in every block of 32 so
     // that their scales are ±1 too: every float is then an integer well under 2^24, so every
-    // summation order gives the same bits, and gemm must match gemv exactly at every level.
+    // summation order gives the same bits, and gemm must match gemv exactly at every level,
+    // panel kernels (n >= packed_min_rows) included.
     let mut rng = StdRng::seed_from_u64(13);
-    let (rows, cols, n) = (37, 512, 9);
+    let (rows, cols, n) = (37, 512, 17);
     for dtype in all_types().filter(|t| t.block_size() > 1) {
         let w = unit_scale_blocks(&mut rng, dtype, rows * cols / dtype.block_size());
         let x: Vec<f32> = (0..n * cols)

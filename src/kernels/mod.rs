@@ -13,6 +13,8 @@ pub mod blocks;
 pub mod cpu_info;
 pub mod dequantize;
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod panel;
 pub mod reference;
 mod tiling;
 pub mod vector;

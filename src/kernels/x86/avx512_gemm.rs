@@ -1,12 +1,10 @@
-//! AVX-512 VNNI kernels for [`gemm`](crate::kernels::gemm()) on the quantized types.
+//! AVX-512 VNNI kernels for [`gemm`](crate::kernels::gemm()) on the quantized types, over
+//! [`panel`]s of 16 scale groups.
 //!
-//! Both operands are repacked into [`Panel`]s of 16 scale groups side by side (sub-blocks of the
-//! K-quants, blocks of Q8_0/Q4_0), transposed so that lane t of `q[v]` holds values 4v..4v+4 of
-//! group t. One `vpdpbusd` then advances all 16 groups' integer dot products by 4 values, and the
-//! sums come out one group per i32 lane, ready for a per-lane float scale: the inner loop has no
-//! unpacking, no shuffles and no horizontal sums, only `V` `vpdpbusd`, a convert, a multiply of
-//! the two panels' scales and an FMA (plus one for the mins of Q4_K/Q5_K) per pair of panels.
-//! The activations are repacked once per call, each weight row once (in its tile).
+//! One `vpdpbusd` advances all 16 groups' integer dot products of a pair of panels by 4 values:
+//! the inner loop is `V` `vpdpbusd`, a convert, a multiply of the two panels' scales and an FMA
+//! (plus one for the mins of Q4_K/Q5_K) per pair of panels. The activations are quantized and
+//! packed here with AVX-512, bit for bit as gemv quantizes them.
 //!
 //! Integer sums stay within i32 (at most 32 products of 255 by 128 per lane) and match gemv's;
 //! the float work differs in order only.
@@ -14,96 +12,69 @@
 use std::arch::x86_64::*;
 
 use half::f16;
-use rayon::prelude::*;
 
+use super::pack::PackWeights;
 use crate::kernels::blocks::*;
-use crate::kernels::tiling::{tiles_par, SharedOut};
+use crate::kernels::panel::{self, clear_tail, lane, put_groups, Blocking, Kind};
+use crate::kernels::tiling::SharedOut;
 
-/// 16 scale groups of `4 * V` values, transposed (see the module docs), with per-group factors.
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-pub struct Panel<const V: usize> {
-    /// Lane t (bytes 4t..4t+4) of `q[v]`: values 4v..4v+4 of group t. Unsigned for the operand
-    /// `vpdpbusd` takes unsigned (weights, or Q8_0's activations offset by 128), else i8.
-    q: [[u8; 64]; V],
-    /// The group's scale: weights' `d * sub-block scale` (or `d`), activations' `d`.
-    scale: [f32; 16],
-    /// Per type (see [`Kind`]): the f32 factors of the mins term, the i32 offset term to start
-    /// the integer sums from, or unused (zero).
-    extra: [u32; 16],
-}
+/// A panel of 16 scale groups, one per 32-bit lane of a 512-bit vector.
+type Panel<const V: usize> = panel::Panel<V, 16>;
 
-impl<const V: usize> Panel<V> {
-    const ZERO: Self = Panel {
-        q: [[0; 64]; V],
-        scale: [0.0; 16],
-        extra: [0; 16],
-    };
-
-    /// The sums of each group's values, taken as i8.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn sums(&self) -> __m512i {
-        let ones = _mm512_set1_epi8(1);
-        let mut s = _mm512_setzero_si512();
-        for q in &self.q {
-            s = _mm512_dpbusd_epi32(s, ones, load_q(q));
-        }
-        s
+/// The sums of each group's values, taken as i8.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn group_sums<const V: usize>(p: &Panel<V>) -> __m512i {
+    let ones = _mm512_set1_epi8(1);
+    let mut s = _mm512_setzero_si512();
+    for q in &p.q {
+        s = _mm512_dpbusd_epi32(s, ones, load(q));
     }
+    s
 }
 
-/// Scale group `t` of a row of panels: (panel, lane).
-fn lane<const V: usize>(panels: &mut [Panel<V>], t: usize) -> (&mut Panel<V>, usize) {
-    (&mut panels[t / 16], t % 16)
-}
-
-/// Puts consecutive groups of `4 * V` values, from group `first` of a row of panels on.
-fn put_groups<const V: usize>(panels: &mut [Panel<V>], first: usize, values: &[u8]) {
-    for (k, group) in values.chunks_exact(4 * V).enumerate() {
-        let (p, t) = lane(panels, first + k);
-        for (q, word) in p.q.iter_mut().zip(group.chunks_exact(4)) {
-            q[4 * t..4 * t + 4].copy_from_slice(word);
-        }
-    }
-}
-
-/// Clears the last panel of a row, the only one that can have lanes past the data (left at
-/// zero, they add nothing); the others are written whole.
-fn clear_tail<const V: usize>(panels: &mut [Panel<V>]) {
-    if let Some(last) = panels.last_mut() {
-        *last = Panel::ZERO;
-    }
-}
-
-/// How a weight type maps onto panels of `V` vectors.
-pub trait Kind<const V: usize> {
-    type Block: Sync;
-    /// Scale groups per block.
-    const GROUPS: usize;
-    /// Q8_0: the weights are signed, so the activations go in offset by 128 as the unsigned
-    /// operand and the weight panels' `extra` holds `-128 * sum of the group's weights`.
-    const SIGNED_W: bool;
-    /// The activation panels' `extra` holds the offset term of unsigned weights (Q6_K's 32,
-    /// Q4_0's 8): `-offset * sum of the group's activations`.
-    const A_OFFSET: bool;
-    /// Q4_K/Q5_K: both `extra`s hold f32 factors of the mins term, `-dmin * min` and
-    /// `d * sum of the group's activations`.
-    const MINS: bool;
-
-    /// One weight row's panels (`out.len()` of them).
-    fn pack_weights(w: &[Self::Block], out: &mut [Panel<V>]);
-
+/// A kind's activations packed for `vpdpbusd`.
+pub trait Acts<const V: usize>: PackWeights<V> {
     /// One activation row, quantized as gemv does, into panels (`out.len()` of them).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VNNI.
-    unsafe fn pack_acts(x: &[f32], out: &mut [Panel<V>]);
+    unsafe fn pack_acts_vnni(x: &[f32], out: &mut [Panel<V>]);
 }
 
-/// Panels per row of `blocks` blocks of `K`.
-fn panels<K: Kind<V>, const V: usize>(blocks: usize) -> usize {
-    (blocks * K::GROUPS).div_ceil(16)
+impl Acts<8> for panel::Q4K {
+    unsafe fn pack_acts_vnni(x: &[f32], out: &mut [Panel<8>]) {
+        // SAFETY: the caller guarantees the features.
+        unsafe { pack_acts_k32(x, out) }
+    }
+}
+
+impl Acts<8> for panel::Q5K {
+    unsafe fn pack_acts_vnni(x: &[f32], out: &mut [Panel<8>]) {
+        // SAFETY: the caller guarantees the features.
+        unsafe { pack_acts_k32(x, out) }
+    }
+}
+
+impl Acts<4> for panel::Q6K {
+    unsafe fn pack_acts_vnni(x: &[f32], out: &mut [Panel<4>]) {
+        // SAFETY: the caller guarantees the features.
+        unsafe { pack_acts_q6k(x, out) }
+    }
+}
+
+impl Acts<8> for panel::Q8_0 {
+    unsafe fn pack_acts_vnni(x: &[f32], out: &mut [Panel<8>]) {
+        // SAFETY: the caller guarantees the features.
+        unsafe { pack_acts_q8_0::<true>(x, out) }
+    }
+}
+
+impl Acts<8> for panel::Q4_0 {
+    unsafe fn pack_acts_vnni(x: &[f32], out: &mut [Panel<8>]) {
+        // SAFETY: the caller guarantees the features.
+        unsafe { pack_acts_q8_0::<false>(x, out) }
+    }
 }
 
 /// [`quantize_q8k`] on one block of 256 values, bit for bit: the values into `q`, returns `d`.
@@ -189,127 +160,9 @@ fn pack_acts_k32(x: &[f32], out: &mut [Panel<8>]) {
     for p in out {
         let sums = _mm512_mul_ps(
             _mm512_castsi512_ps(load(&p.scale)),
-            _mm512_cvtepi32_ps(p.sums()),
+            _mm512_cvtepi32_ps(group_sums(p)),
         );
         store(&mut p.extra, _mm512_castps_si512(sums));
-    }
-}
-
-/// Q4_K/Q5_K weights: the scales (`d` times the sub-block's) and mins' factors of block `k`,
-/// given its `d`, `dmin` and unpacked sub-block scales and mins.
-fn pack_k32_scales(
-    out: &mut [Panel<8>],
-    k: usize,
-    (d, dmin): (f16, f16),
-    (sc, mn): ([u8; 8], [u8; 8]),
-) {
-    for s in 0..8 {
-        let (p, t) = lane(out, 8 * k + s);
-        p.scale[t] = d.to_f32() * sc[s] as f32;
-        p.extra[t] = (-dmin.to_f32() * mn[s] as f32).to_bits();
-    }
-}
-
-pub struct Q4K;
-impl Kind<8> for Q4K {
-    type Block = BlockQ4K;
-    const GROUPS: usize = 8;
-    const SIGNED_W: bool = false;
-    const A_OFFSET: bool = false;
-    const MINS: bool = true;
-
-    fn pack_weights(w: &[BlockQ4K], out: &mut [Panel<8>]) {
-        clear_tail(out);
-        let mut values = [0u8; QK_K];
-        for (k, b) in w.iter().enumerate() {
-            // Values 64j.. are the low nibbles of qs[32j..32j + 32], 64j + 32.. the high ones.
-            for (v, q) in values.chunks_exact_mut(64).zip(b.qs.chunks_exact(32)) {
-                for l in 0..32 {
-                    v[l] = q[l] & 0xF;
-                    v[32 + l] = q[l] >> 4;
-                }
-            }
-            put_groups(out, 8 * k, &values);
-            pack_k32_scales(out, k, (b.d, b.dmin), unpack_scales_k4(&b.scales));
-        }
-    }
-
-    unsafe fn pack_acts(x: &[f32], out: &mut [Panel<8>]) {
-        // SAFETY: the caller guarantees the features.
-        unsafe { pack_acts_k32(x, out) }
-    }
-}
-
-pub struct Q5K;
-impl Kind<8> for Q5K {
-    type Block = BlockQ5K;
-    const GROUPS: usize = 8;
-    const SIGNED_W: bool = false;
-    const A_OFFSET: bool = false;
-    const MINS: bool = true;
-
-    fn pack_weights(w: &[BlockQ5K], out: &mut [Panel<8>]) {
-        clear_tail(out);
-        let mut values = [0u8; QK_K];
-        for (k, b) in w.iter().enumerate() {
-            // As Q4_K, plus bit 2j (low nibbles) or 2j + 1 (high) of qh[l] as bit 4.
-            for (j, (v, q)) in values
-                .chunks_exact_mut(64)
-                .zip(b.qs.chunks_exact(32))
-                .enumerate()
-            {
-                for l in 0..32 {
-                    let h = b.qh[l] >> (2 * j);
-                    v[l] = (q[l] & 0xF) | ((h & 1) << 4);
-                    v[32 + l] = (q[l] >> 4) | ((h & 2) << 3);
-                }
-            }
-            put_groups(out, 8 * k, &values);
-            pack_k32_scales(out, k, (b.d, b.dmin), unpack_scales_k4(&b.scales));
-        }
-    }
-
-    unsafe fn pack_acts(x: &[f32], out: &mut [Panel<8>]) {
-        // SAFETY: the caller guarantees the features.
-        unsafe { pack_acts_k32(x, out) }
-    }
-}
-
-pub struct Q6K;
-impl Kind<4> for Q6K {
-    type Block = BlockQ6K;
-    const GROUPS: usize = 16;
-    const SIGNED_W: bool = false;
-    const A_OFFSET: bool = true;
-    const MINS: bool = false;
-
-    fn pack_weights(w: &[BlockQ6K], out: &mut [Panel<4>]) {
-        let mut values = [0u8; QK_K];
-        for (k, b) in w.iter().enumerate() {
-            // 0..=63 (the offset of 32 is the activations' `extra`), as `q6k_value`: value
-            // 128n + 32c + l is the low (c < 2) or high nibble of ql[64n + 32(c % 2) + l], and
-            // bits 2c..2c + 2 of qh[32n + l] above it.
-            for n in 0..2 {
-                let (ql, qh) = (&b.ql[64 * n..][..64], &b.qh[32 * n..][..32]);
-                let v = &mut values[128 * n..][..128];
-                for l in 0..32 {
-                    v[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
-                    v[32 + l] = (ql[32 + l] & 0xF) | (((qh[l] >> 2) & 3) << 4);
-                    v[64 + l] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                    v[96 + l] = (ql[32 + l] >> 4) | (((qh[l] >> 6) & 3) << 4);
-                }
-            }
-            put_groups(out, 16 * k, &values);
-            let d = b.d.to_f32();
-            for (scale, &s) in out[k].scale.iter_mut().zip(&b.scales) {
-                *scale = d * s as f32;
-            }
-        }
-    }
-
-    unsafe fn pack_acts(x: &[f32], out: &mut [Panel<4>]) {
-        // SAFETY: the caller guarantees the features.
-        unsafe { pack_acts_q6k(x, out) }
     }
 }
 
@@ -321,33 +174,11 @@ fn pack_acts_q6k(x: &[f32], out: &mut [Panel<4>]) {
         let d = quantize_q8k_block(x, &mut q);
         put_groups(std::slice::from_mut(p), 0, &q);
         p.scale = [d; 16];
-        let offset = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<5>(p.sums()));
+        let offset = _mm512_sub_epi32(
+            _mm512_setzero_si512(),
+            _mm512_slli_epi32::<5>(group_sums(p)),
+        );
         store(&mut p.extra, offset);
-    }
-}
-
-pub struct Q8_0;
-impl Kind<8> for Q8_0 {
-    type Block = BlockQ8_0;
-    const GROUPS: usize = 1;
-    const SIGNED_W: bool = true;
-    const A_OFFSET: bool = false;
-    const MINS: bool = false;
-
-    fn pack_weights(w: &[BlockQ8_0], out: &mut [Panel<8>]) {
-        clear_tail(out);
-        for (k, b) in w.iter().enumerate() {
-            put_groups(out, k, &b.qs.map(|q| q as u8));
-            let (p, t) = lane(out, k);
-            p.scale[t] = b.d.to_f32();
-            let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
-            p.extra[t] = (-128 * sum) as u32;
-        }
-    }
-
-    unsafe fn pack_acts(x: &[f32], out: &mut [Panel<8>]) {
-        // SAFETY: the caller guarantees the features.
-        unsafe { pack_acts_q8_0::<true>(x, out) }
     }
 }
 
@@ -368,63 +199,36 @@ fn pack_acts_q8_0<const OFFSET: bool>(x: &[f32], out: &mut [Panel<8>]) {
     }
     if !OFFSET {
         for p in out {
-            let offset = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<3>(p.sums()));
+            let offset = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_slli_epi32::<3>(group_sums(p)),
+            );
             store(&mut p.extra, offset);
         }
     }
 }
 
-pub struct Q4_0;
-impl Kind<8> for Q4_0 {
-    type Block = BlockQ4_0;
-    const GROUPS: usize = 1;
-    const SIGNED_W: bool = false;
-    const A_OFFSET: bool = true;
-    const MINS: bool = false;
-
-    fn pack_weights(w: &[BlockQ4_0], out: &mut [Panel<8>]) {
-        clear_tail(out);
-        let mut values = [0u8; QK4_0];
-        for (k, b) in w.iter().enumerate() {
-            // 0..=15: the offset of 8 is the activations' `extra`.
-            for l in 0..16 {
-                values[l] = b.qs[l] & 0xF;
-                values[16 + l] = b.qs[l] >> 4;
-            }
-            put_groups(out, k, &values);
-            let (p, t) = lane(out, k);
-            p.scale[t] = b.d.to_f32();
-        }
-    }
-
-    unsafe fn pack_acts(x: &[f32], out: &mut [Panel<8>]) {
-        // SAFETY: the caller guarantees the features.
-        unsafe { pack_acts_q8_0::<false>(x, out) }
-    }
-}
-
+/// Weight rows per tile: 48 rows of a 3072-column Q4_K matrix take 180 KiB as panels, in L2.
 /// Weight and activation rows per microkernel call: 12 pairs keep 12 integer and 12 float
-/// accumulators in registers, and each vector loaded serves 3 or 4 `vpdpbusd`.
-const RW: usize = 3;
-const RA: usize = 4;
+/// accumulators in registers, and each vector loaded serves 3 or 4 `vpdpbusd`. `RA` rows of a
+/// K-chunk of activations stay in L1 (48 KiB) while the tile's weight rows stream past them.
+const BLOCKING: Blocking = Blocking {
+    tile_rows: 48,
+    call_w: 3,
+    call_a: 4,
+    chunk_bytes: 24 * 1024,
+};
 const _: () = assert!(
-    RW == 3 && RA == 4,
+    BLOCKING.call_w == 3 && BLOCKING.call_a == 4,
     "gemm's dispatch covers 3x4 calls and smaller"
 );
-
-/// Weight rows per tile: 48 rows of a 3072-column Q4_K matrix take 180 KiB as panels, in L2.
-const TILE_ROWS: usize = 48;
-
-/// Most bytes of activation panels per microkernel call: `RA` rows of a K-chunk stay in L1
-/// (48 KiB) while the tile's weight rows stream past them.
-const CHUNK_BYTES: usize = 24 * 1024;
 
 /// `out[i * rows + r] = dot(row r of w, row i of x)` for the `n` rows of `x` (`cols` values
 /// each); `w` has `bpr` blocks per row.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, BW, VL and VNNI.
-pub unsafe fn gemm<K: Kind<V>, const V: usize>(
+/// The CPU must have AVX2 and AVX-512 F, BW, VL and VNNI (the avx512vnni level).
+pub unsafe fn gemm<K: Acts<V>, const V: usize>(
     w: &[K::Block],
     bpr: usize,
     x: &[f32],
@@ -432,63 +236,52 @@ pub unsafe fn gemm<K: Kind<V>, const V: usize>(
     n: usize,
     out: &SharedOut,
 ) {
-    let np = panels::<K, V>(bpr);
-    let mut acts = vec![Panel::<V>::ZERO; n * np];
-    acts.par_chunks_mut(np)
-        .zip(x.par_chunks(cols))
+    let pack_weights = |w: &[K::Block], p: &mut [Panel<V>]| {
         // SAFETY: the caller guarantees the features.
-        .for_each(|(p, x)| unsafe { K::pack_acts(x, p) });
-    // K in even chunks of at most CHUNK_BYTES per call's activations.
-    let chunks = (np * RA * size_of::<Panel<V>>()).div_ceil(CHUNK_BYTES);
-    let kc = np.div_ceil(chunks);
-    tiles_par(out, TILE_ROWS, Vec::new, |wp, tile| {
-        let rows = tile.rows();
-        wp.resize(rows.len() * np, Panel::ZERO);
-        for (p, r) in wp.chunks_mut(np).zip(rows.clone()) {
-            K::pack_weights(&w[r * bpr..(r + 1) * bpr], p);
-        }
-        for i0 in (0..n).step_by(RA) {
-            let ra = RA.min(n - i0);
-            for c0 in (0..np).step_by(kc) {
-                let c = c0..np.min(c0 + kc);
-                for r0 in (0..rows.len()).step_by(RW) {
-                    let rw = RW.min(rows.len() - r0);
-                    macro_rules! call {
-                        ($rw:literal, $ra:literal) => {{
-                            let wr = std::array::from_fn(|r| &wp[(r0 + r) * np..][c.clone()]);
-                            let ar = std::array::from_fn(|i| &acts[(i0 + i) * np..][c.clone()]);
-                            // SAFETY: the caller guarantees the features.
-                            let res = unsafe { panel_dots::<K, V, $rw, $ra>(wr, ar) };
-                            for (r, res) in res.iter().enumerate() {
-                                for (i, &v) in res.iter().enumerate() {
-                                    let (i, r) = (i0 + i, rows.start + r0 + r);
-                                    if c0 == 0 {
-                                        tile.set(i, r, v);
-                                    } else {
-                                        tile.add(i, r, v);
-                                    }
-                                }
-                            }
-                        }};
-                    }
-                    match (rw, ra) {
-                        (3, 4) => call!(3, 4),
-                        (3, 3) => call!(3, 3),
-                        (3, 2) => call!(3, 2),
-                        (3, 1) => call!(3, 1),
-                        (2, 4) => call!(2, 4),
-                        (2, 3) => call!(2, 3),
-                        (2, 2) => call!(2, 2),
-                        (2, 1) => call!(2, 1),
-                        (1, 4) => call!(1, 4),
-                        (1, 3) => call!(1, 3),
-                        (1, 2) => call!(1, 2),
-                        _ => call!(1, 1),
-                    }
+        unsafe { K::pack_weights_x86(w, p) }
+    };
+    let pack_acts = |x: &[f32], p: &mut [Panel<V>]| {
+        // SAFETY: the caller guarantees the features.
+        unsafe { K::pack_acts_vnni(x, p) }
+    };
+    let dots = |w: &[&[Panel<V>]], a: &[&[Panel<V>]], res: &mut [f32]| {
+        macro_rules! call {
+            ($rw:literal, $ra:literal) => {{
+                let (w, a) = (std::array::from_fn(|r| w[r]), std::array::from_fn(|i| a[i]));
+                // SAFETY: the caller guarantees the features.
+                let r = unsafe { panel_dots::<K, V, $rw, $ra>(w, a) };
+                for (res, v) in res.iter_mut().zip(r.iter().flatten()) {
+                    *res = *v;
                 }
-            }
+            }};
         }
-    });
+        match (w.len(), a.len()) {
+            (3, 4) => call!(3, 4),
+            (3, 3) => call!(3, 3),
+            (3, 2) => call!(3, 2),
+            (3, 1) => call!(3, 1),
+            (2, 4) => call!(2, 4),
+            (2, 3) => call!(2, 3),
+            (2, 2) => call!(2, 2),
+            (2, 1) => call!(2, 1),
+            (1, 4) => call!(1, 4),
+            (1, 3) => call!(1, 3),
+            (1, 2) => call!(1, 2),
+            _ => call!(1, 1),
+        }
+    };
+    panel::gemm::<K, V, 16>(
+        w,
+        bpr,
+        x,
+        cols,
+        n,
+        out,
+        BLOCKING,
+        pack_weights,
+        pack_acts,
+        dots,
+    );
 }
 
 /// A 64-byte field of a [`Panel`] as a vector.
@@ -506,14 +299,6 @@ fn load<T: Copy>(field: &[T; 16]) -> __m512i {
 fn store(field: &mut [u32; 16], v: __m512i) {
     // SAFETY: 64 bytes, at a multiple of 64 within a `Panel`, which is 64-aligned.
     unsafe { _mm512_store_si512(field.as_mut_ptr().cast(), v) }
-}
-
-/// `q[v]` of a panel as a vector.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn load_q(q: &[u8; 64]) -> __m512i {
-    // SAFETY: 64 bytes, at a multiple of 64 within a `Panel`, which is 64-aligned.
-    unsafe { _mm512_load_si512(q.as_ptr().cast()) }
 }
 
 /// The dot products of `RW` weight rows with `RA` activation rows, all as panels (the same
@@ -555,10 +340,10 @@ fn panel_dots<K: Kind<V>, const V: usize, const RW: usize, const RA: usize>(
         for v in 0..V {
             let mut wq = [_mm512_setzero_si512(); RW];
             for r in 0..RW {
-                wq[r] = load_q(&wp[r].q[v]);
+                wq[r] = load(&wp[r].q[v]);
             }
             for i in 0..RA {
-                let aq = load_q(&ap[i].q[v]);
+                let aq = load(&ap[i].q[v]);
                 for r in 0..RW {
                     s[r][i] = if K::SIGNED_W {
                         _mm512_dpbusd_epi32(s[r][i], aq, wq[r])

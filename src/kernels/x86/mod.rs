@@ -2,7 +2,7 @@
 //! call one only when [`super::hardware_level`] is at least its level.
 
 /// Calls `$kernel::<R>` for `R = $ys.len()` or `$count` (1 to [`GROUP`](crate::kernels::tiling::GROUP)): the
-/// dispatch of the kernels for several activation rows (`avx2_gemm`, `avx512_rows`).
+/// dispatch of the kernels for several activation rows (`avx2_rows`, `avx512_rows`).
 macro_rules! by_rows {
     ($kernel:ident, $w:expr, $ys:expr, $out:expr) => {
         by_rows!($kernel, $w, $ys, $out, $ys.len())
@@ -24,9 +24,11 @@ const _: () = assert!(
 
 pub mod avx2;
 pub mod avx2_gemm;
+pub mod avx2_rows;
 pub mod avx512;
 pub mod avx512_gemm;
 pub mod avx512_rows;
+pub mod pack;
 
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
