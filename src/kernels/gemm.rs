@@ -43,16 +43,17 @@ use super::x86::avx512_rows::Q8KRows;
 /// 24.9 against 26.0, 16 rows 33.4 against 29.3; Q6_K 8 rows 19.4 against 23.9, 12 rows 27.6
 /// against 27.1, 16 rows 36.0 against 30.9.
 ///
-/// AVX2, measured on Phi-3-mini's matrices streamed from memory, 2 threads (Zen 3), ms, rows
-/// kernels against the panel kernel: Q4_K 9216 x 3072, 6 rows 3.9-4.8 against 3.5-5.0, 8 rows
-/// 5.0-5.8 against 3.9-5.6, 12 rows 7.8 against 5.4; Q6_K 3072 x 8192, 8 rows 3.4-6.5 against
-/// 5.4-7.6, 12 rows 5.0-6.7 against 6.9-7.3, 16 rows 9.1 against 7.8-8.2. Q4_0 sums as many
-/// products in 16 bits as Q4_K, so it takes Q4_K's threshold; Q5_K and Q8_0, between the two,
-/// take the one between.
+/// AVX2, measured on Phi-3-mini's 4 matrices streamed from memory, 2 threads (Zen 3), ms for
+/// the qkv matrix (9216 x 3072), rows kernels against the panel kernel with its weights packed
+/// by `x86::pack`: Q4_K 4 rows 2.3 against 3.9, 6 rows 4.9 against 2.4; Q5_K 6 rows 4.9 against
+/// 3.0; Q4_0 4 rows 4.1 against 3.5; Q8_0 12 rows 11.9 against 15.5, 16 rows 15.9 against 11.8.
+/// Q6_K (packed by the scalar code), ms for ffn_down (3072 x 8192): 12 rows 5.0-6.7 against
+/// 6.9-7.3, 16 rows 9.1 against 7.8-8.2.
 pub(super) fn packed_min_rows(level: CpuLevel, dtype: GgmlDType) -> usize {
     match (level, dtype) {
-        (CpuLevel::Avx2, GgmlDType::Q4K | GgmlDType::Q4_0) => 8,
-        (CpuLevel::Avx2, GgmlDType::Q6K) => 16,
+        (CpuLevel::Avx2, GgmlDType::Q4_0) => 4,
+        (CpuLevel::Avx2, GgmlDType::Q4K | GgmlDType::Q5K) => 6,
+        (CpuLevel::Avx2, GgmlDType::Q6K | GgmlDType::Q8_0) => 16,
         _ => 12,
     }
 }

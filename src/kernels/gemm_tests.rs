@@ -378,19 +378,32 @@ fn gemm_argument_errors() {
 /// rows and scaled), and the tokens/s of 32 layers of the four; then the same for candle's `QMatMul`
 /// (today's prefill; its own thread pool, one thread per core). Random blocks (valid scales).
 /// Run in release: `cargo test --release --lib kernels::gemm_tests::gemm_timing -- --ignored
-/// --nocapture`.
+/// --nocapture` (`GEMM_TIMING_TYPE`: all four of one weight type).
 #[test]
 #[ignore]
 fn gemm_timing() {
     // GEMM_TIMING_N: the activation rows (decoding streams' batches are a few).
     let n = std::env::var("GEMM_TIMING_N").map_or(512, |v| v.parse().unwrap());
+    // GEMM_TIMING_TYPE (q4_0, q8_0, q4_k, q5_k, q6_k): every matrix of that type, instead of
+    // Q4_K_M's mix.
+    let only = std::env::var("GEMM_TIMING_TYPE")
+        .ok()
+        .map(|t| match t.as_str() {
+            "q4_0" => GgmlDType::Q4_0,
+            "q8_0" => GgmlDType::Q8_0,
+            "q4_k" => GgmlDType::Q4K,
+            "q5_k" => GgmlDType::Q5K,
+            "q6_k" => GgmlDType::Q6K,
+            other => panic!("GEMM_TIMING_TYPE: {other:?} is not q4_0, q8_0, q4_k, q5_k or q6_k"),
+        });
     let layers = 32.0;
     let mats = [
         ("qkv", GgmlDType::Q4K, 9216, 3072),
         ("attn_output", GgmlDType::Q4K, 3072, 3072),
         ("ffn_up", GgmlDType::Q4K, 16384, 3072),
         ("ffn_down", GgmlDType::Q6K, 3072, 8192),
-    ];
+    ]
+    .map(|(name, dtype, rows, cols)| (name, only.unwrap_or(dtype), rows, cols));
     let mut rng = StdRng::seed_from_u64(17);
     let data: Vec<_> = mats
         .iter()

@@ -1,11 +1,12 @@
-//! The weights of Q4_K and Q5_K packed into [`Panel`]s with AVX2, for the panel kernels of
-//! every x86 level: a block's 8 sub-blocks of 32 values, one vector each as gemv unpacks them,
-//! become 8 lanes of a panel by an 8 x 8 transpose of 32-bit words, where the scalar packing
-//! (`panel::Kind::pack_weights`, the reference the tests hold this to) moves them a byte at a time.
+//! Weights packed into [`Panel`]s with AVX2, for the panel kernels of every x86 level: 8 scale
+//! groups of 32 values, one vector each as gemv unpacks them (a Q4_K/Q5_K block's sub-blocks, or
+//! 8 Q8_0/Q4_0 blocks), become 8 lanes of a panel by an 8 x 8 transpose of 32-bit words, where
+//! the scalar packing (`panel::Kind::pack_weights`, the reference the tests hold this to) moves
+//! them a byte at a time. Q6_K (groups of 16) packs with the scalar code.
 
 use std::arch::x86_64::*;
 
-use super::avx2::{q4k_values, q5k_values};
+use super::avx2::{load256, q4_0_values, q4k_values, q5k_values};
 use crate::kernels::blocks::*;
 use crate::kernels::panel::{
     clear_tail, lane, pack_k32_scales, Kind, Panel, Q4K, Q4_0, Q5K, Q6K, Q8_0,
@@ -45,8 +46,57 @@ impl PackWeights<8> for Q5K {
 }
 
 impl PackWeights<4> for Q6K {}
-impl PackWeights<8> for Q8_0 {}
-impl PackWeights<8> for Q4_0 {}
+
+impl PackWeights<8> for Q8_0 {
+    unsafe fn pack_weights_x86<const L: usize>(w: &[BlockQ8_0], out: &mut [Panel<8, L>]) {
+        let values = |b: &BlockQ8_0| {
+            // SAFETY: the caller guarantees AVX2.
+            unsafe { load256(&b.qs, 0) }
+        };
+        // SAFETY: the caller guarantees AVX2.
+        unsafe { pack_by_8_blocks(w, out, values) };
+        for (k, b) in w.iter().enumerate() {
+            let (p, t) = lane(out, k);
+            p.scale[t] = b.d.to_f32();
+            p.extra[t] = (-128 * b.qs.iter().map(|&q| q as i32).sum::<i32>()) as u32;
+        }
+    }
+}
+
+impl PackWeights<8> for Q4_0 {
+    unsafe fn pack_weights_x86<const L: usize>(w: &[BlockQ4_0], out: &mut [Panel<8, L>]) {
+        let values = |b: &BlockQ4_0| {
+            // SAFETY: the caller guarantees AVX2.
+            unsafe { _mm256_add_epi8(q4_0_values(b), _mm256_set1_epi8(8)) }
+        };
+        // SAFETY: the caller guarantees AVX2.
+        unsafe { pack_by_8_blocks(w, out, values) };
+        for (k, b) in w.iter().enumerate() {
+            let (p, t) = lane(out, k);
+            p.scale[t] = b.d.to_f32();
+        }
+    }
+}
+
+/// Q8_0/Q4_0: blocks of one scale group each, 8 blocks at a time (`values`: a block's 32
+/// values, as the panels hold them) into lanes 8c.. of a row of panels; a last partial 8 leaves
+/// zeros in the lanes past the data.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pack_by_8_blocks<B, const L: usize>(
+    w: &[B],
+    out: &mut [Panel<8, L>],
+    values: impl Fn(&B) -> __m256i,
+) {
+    clear_tail(out);
+    for (c, blocks) in w.chunks(8).enumerate() {
+        let mut v = [_mm256_setzero_si256(); 8];
+        for (v, b) in v.iter_mut().zip(blocks) {
+            *v = values(b);
+        }
+        put_block(out, c, v);
+    }
+}
 
 /// Block `k`'s 8 sub-blocks of 32 values, one vector each, into lanes 8k.. of a row of panels.
 #[inline]
@@ -109,7 +159,7 @@ mod tests {
     use candle_core::quantized::GgmlDType;
 
     fn same<K: PackWeights<8>, const L: usize>(w: &[K::Block]) {
-        let panels = (w.len() * 8).div_ceil(L);
+        let panels = (w.len() * K::GROUPS).div_ceil(L);
         // Garbage first: every byte must be written.
         let mut want = vec![
             Panel::<8, L> {
@@ -145,6 +195,16 @@ mod tests {
             let w: &[BlockQ5K] = cast_slice(w.bytes(), "w").unwrap();
             same::<Q5K, 8>(w);
             same::<Q5K, 16>(w);
+        }
+        for blocks in [1, 7, 8, 9, 96, 100] {
+            let w = random_blocks(&mut rng, GgmlDType::Q8_0, blocks);
+            let w: &[BlockQ8_0] = cast_slice(w.bytes(), "w").unwrap();
+            same::<Q8_0, 8>(w);
+            same::<Q8_0, 16>(w);
+            let w = random_blocks(&mut rng, GgmlDType::Q4_0, blocks);
+            let w: &[BlockQ4_0] = cast_slice(w.bytes(), "w").unwrap();
+            same::<Q4_0, 8>(w);
+            same::<Q4_0, 16>(w);
         }
     }
 }
