@@ -6,7 +6,12 @@ its own process:
 
 Measures warm load time (the file is read once first, so the page cache is warm), prefill
 tokens/s for a 512-token prompt in one batch, decode tokens/s over 128 greedy tokens, time to
-first token for a ~20-token chat prompt, and peak RSS. llama.cpp runs through
+first token for a ~20-token chat prompt, and peak RSS. Decode reads every weight once per token,
+so its ceiling is the memory's bandwidth: the same threads reading an anonymous buffer of the
+file's size (numpy, where installed) give the limit, and each engine's decode is reported as a
+share of it (tokens/s times the file's size over that bandwidth; the token embedding, read one
+row per token, is counted whole, which overstates the share by its part of the file, 2 % on
+Phi-3-mini). llama.cpp runs through
 `../shared/tools/llamacpp-bench.py` when `llama_cpp` is importable (both with its weight
 repacking, its default, and without), and the table gives phi3's ratio to the better of the two.
 
@@ -27,6 +32,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -145,6 +151,43 @@ def run_json(cmd: list[str], env: Optional[dict[str, str]] = None) -> Optional[d
     return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def memory_limit_gbs(nbytes: int, threads: int, rounds: int = 3) -> Optional[float]:
+    """GB/s of `threads` threads reading an anonymous buffer of `nbytes` (so that no cache holds
+    it) at once, best of `rounds`; None without numpy. numpy releases the GIL in its reductions,
+    so the threads read in parallel."""
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    # Bytes, reduced by max: the cheapest reduction numpy vectorizes (on a Zen 3 core, 19.7
+    # GB/s against 15.7 for a sum of 64-bit integers).
+    parts = np.array_split(np.ones(nbytes, dtype=np.uint8), threads)
+    best = float("inf")
+    for _ in range(rounds):
+        barrier = threading.Barrier(threads + 1)
+        workers = [threading.Thread(target=read_after, args=(barrier, part)) for part in parts]
+        for w in workers:
+            w.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def read_after(barrier: threading.Barrier, part: Any) -> None:
+    barrier.wait()
+    part.max()
+
+
+def add_memory_share(results: list[dict[str, Any]], file_bytes: int, limit_gbs: Optional[float]) -> None:
+    """Each result's decode as a percentage of the memory limit."""
+    if limit_gbs:
+        for r in results:
+            r["decode_pct_of_limit"] = round(100 * r["decode_tok_s"] * file_bytes / 1e9 / limit_gbs, 1)
+
+
 def llamacpp_available() -> bool:
     r = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True)
     return r.returncode == 0 and LLAMACPP_BENCH.exists()
@@ -154,6 +197,7 @@ ROWS = [
     ("warm load (s)", "load_s", False),
     ("prefill (tok/s)", "prefill_tok_s", True),
     ("decode (tok/s)", "decode_tok_s", True),
+    ("decode, % of the memory limit", "decode_pct_of_limit", True),
     ("time to first token (s)", "ttft_s", False),
     ("peak RSS (MiB)", "peak_rss_mib", False),
 ]
@@ -174,6 +218,8 @@ def table(phi3_results: list[dict[str, Any]], others: list[dict[str, Any]]) -> s
         head.append("phi3 / best llama.cpp")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, key, higher_is_better in ROWS:
+        if any(key not in r for r in results):
+            continue
         cells = [label, *[str(r[key]) for r in results]]
         if others:
             values = [r[key] for r in others]
@@ -186,10 +232,11 @@ def table(phi3_results: list[dict[str, Any]], others: list[dict[str, Any]]) -> s
 
 def level_table(results: list[dict[str, Any]]) -> str:
     """A row per (build, kernel level)."""
-    head = ["phi3 (interpreter)", "build", "kernels", *[label for label, _, _ in ROWS]]
+    rows = [(label, key) for label, key, _ in ROWS if all(key in r for r in results)]
+    head = ["phi3 (interpreter)", "build", "kernels", *[label for label, _ in rows]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r["python"], r["build"], r["kernels"], *[str(r[key]) for _, key, _ in ROWS]]
+        cells = [r["python"], r["build"], r["kernels"], *[str(r[key]) for _, key in rows]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -258,9 +305,15 @@ def main() -> None:
     ]
     phi3_args = [*common, *(["--positions", ",".join(map(str, a.positions))] if a.positions else [])]
     pythons = a.python or [sys.executable]
+    file_bytes = os.path.getsize(a.model)
+    limit_gbs = memory_limit_gbs(file_bytes, a.threads)
+    heading = f"{os.path.basename(a.model)}, {a.threads} threads"
+    if limit_gbs:
+        heading += f"; memory limit {limit_gbs:.1f} GB/s ({file_bytes / 1e9 / limit_gbs * 1e3:.0f} ms to read the file)"
     if a.levels:
         results = measure_levels(pythons, a.model, common)
-        print(f"{os.path.basename(a.model)}, {a.threads} threads")
+        add_memory_share(results, file_bytes, limit_gbs)
+        print(heading)
         print(level_table(results))
         return
     phi3_results = []
@@ -278,7 +331,8 @@ def main() -> None:
                 others.append(r)
     elif not a.phi3_only:
         print("bench: llama_cpp is not installed: phi3 alone", file=sys.stderr)
-    print(f"{os.path.basename(a.model)}, {a.threads} threads")
+    add_memory_share(phi3_results + others, file_bytes, limit_gbs)
+    print(heading)
     print(table(phi3_results, others))
     for r in phi3_results:
         notes = [f"{k}={v}" for k, v in r.items() if k.startswith(("decode_at_", "stream_overhead"))]
