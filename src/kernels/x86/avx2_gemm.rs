@@ -58,26 +58,16 @@ pub unsafe fn gemm<K: PackWeights<V>, const V: usize>(
         // SAFETY: the caller guarantees the features.
         unsafe { K::pack_weights_x86(w, p) }
     };
-    let dots = |w: &[&[Panel<V>]], a: &[&[Panel<V>]], res: &mut [f32]| {
-        macro_rules! call {
-            ($rw:literal, $ra:literal) => {{
-                let (w, a) = (std::array::from_fn(|r| w[r]), std::array::from_fn(|i| a[i]));
-                // SAFETY: the caller guarantees the features.
-                let r = unsafe { panel_dots::<K, V, $rw, $ra>(w, a) };
-                for (res, v) in res.iter_mut().zip(r.iter().flatten()) {
-                    *res = *v;
-                }
-            }};
-        }
-        match a.len() {
-            6 => call!(1, 6),
-            5 => call!(1, 5),
-            4 => call!(1, 4),
-            3 => call!(1, 3),
-            2 => call!(1, 2),
-            _ => call!(1, 1),
-        }
-    };
+    let dots = panel_dots_by_shape!(
+        panel_dots::<K, V>,
+        Panel<V>,
+        (1, 6),
+        (1, 5),
+        (1, 4),
+        (1, 3),
+        (1, 2),
+        (1, 1),
+    );
     panel::gemm::<K, V, 8>(
         w,
         bpr,

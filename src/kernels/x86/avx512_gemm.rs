@@ -244,32 +244,22 @@ pub unsafe fn gemm<K: Acts<V>, const V: usize>(
         // SAFETY: the caller guarantees the features.
         unsafe { K::pack_acts_vnni(x, p) }
     };
-    let dots = |w: &[&[Panel<V>]], a: &[&[Panel<V>]], res: &mut [f32]| {
-        macro_rules! call {
-            ($rw:literal, $ra:literal) => {{
-                let (w, a) = (std::array::from_fn(|r| w[r]), std::array::from_fn(|i| a[i]));
-                // SAFETY: the caller guarantees the features.
-                let r = unsafe { panel_dots::<K, V, $rw, $ra>(w, a) };
-                for (res, v) in res.iter_mut().zip(r.iter().flatten()) {
-                    *res = *v;
-                }
-            }};
-        }
-        match (w.len(), a.len()) {
-            (3, 4) => call!(3, 4),
-            (3, 3) => call!(3, 3),
-            (3, 2) => call!(3, 2),
-            (3, 1) => call!(3, 1),
-            (2, 4) => call!(2, 4),
-            (2, 3) => call!(2, 3),
-            (2, 2) => call!(2, 2),
-            (2, 1) => call!(2, 1),
-            (1, 4) => call!(1, 4),
-            (1, 3) => call!(1, 3),
-            (1, 2) => call!(1, 2),
-            _ => call!(1, 1),
-        }
-    };
+    let dots = panel_dots_by_shape!(
+        panel_dots::<K, V>,
+        Panel<V>,
+        (3, 4),
+        (3, 3),
+        (3, 2),
+        (3, 1),
+        (2, 4),
+        (2, 3),
+        (2, 2),
+        (2, 1),
+        (1, 4),
+        (1, 3),
+        (1, 2),
+        (1, 1),
+    );
     panel::gemm::<K, V, 16>(
         w,
         bpr,

@@ -22,6 +22,26 @@ const _: () = assert!(
     "by_rows! covers 1 to 4 rows"
 );
 
+/// The `dots` closure of [`panel::gemm`](crate::kernels::panel::gemm) for a level's microkernel
+/// `$panel_dots::<K, V, RW, RA>`: one arm per (weight rows, activation rows) shape listed, which
+/// must cover every shape the level's blocking makes. Expands inside an `unsafe fn` whose caller
+/// guarantees the microkernel's features.
+macro_rules! panel_dots_by_shape {
+    ($panel_dots:ident::<$k:ty, $v:ident>, $panel:ty, $(($rw:literal, $ra:literal)),+ $(,)?) => {
+        |w: &[&[$panel]], a: &[&[$panel]], res: &mut [f32]| match (w.len(), a.len()) {
+            $(($rw, $ra) => {
+                let (w, a) = (std::array::from_fn(|r| w[r]), std::array::from_fn(|i| a[i]));
+                // SAFETY: the caller of the enclosing gemm guarantees the features.
+                let r = unsafe { $panel_dots::<$k, $v, $rw, $ra>(w, a) };
+                for (res, v) in res.iter_mut().zip(r.iter().flatten()) {
+                    *res = *v;
+                }
+            })+
+            (rw, ra) => unreachable!("{rw} x {ra} rows: a shape the blocking does not make"),
+        }
+    };
+}
+
 pub mod avx2;
 pub mod avx2_gemm;
 pub mod avx2_rows;
