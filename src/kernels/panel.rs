@@ -268,6 +268,24 @@ fn pack_acts_q8_0<const OFFSET: bool, const L: usize>(x: &[f32], out: &mut [Pane
     }
 }
 
+/// Q8_0 weights, their values in place: each block's scale, and the offset term `vpdpbusd`
+/// needs (`-128 * sum of the block's values`).
+pub fn pack_q8_0_factors<const L: usize>(w: &[BlockQ8_0], out: &mut [Panel<8, L>]) {
+    for (k, b) in w.iter().enumerate() {
+        let (p, t) = lane(out, k);
+        p.scale[t] = b.d.to_f32();
+        p.extra[t] = (-128 * p.group_sum(t)) as u32;
+    }
+}
+
+/// Q4_0 weights: each block's scale.
+pub fn pack_q4_0_scales<const L: usize>(w: &[BlockQ4_0], out: &mut [Panel<8, L>]) {
+    for (k, b) in w.iter().enumerate() {
+        let (p, t) = lane(out, k);
+        p.scale[t] = b.d.to_f32();
+    }
+}
+
 pub struct Q8_0;
 impl Kind<8> for Q8_0 {
     type Block = BlockQ8_0;
@@ -281,10 +299,8 @@ impl Kind<8> for Q8_0 {
         clear_tail(out);
         for (k, b) in w.iter().enumerate() {
             put_groups(out, k, &b.qs.map(|q| q as u8));
-            let (p, t) = lane(out, k);
-            p.scale[t] = b.d.to_f32();
-            p.extra[t] = (-128 * p.group_sum(t)) as u32;
         }
+        pack_q8_0_factors(w, out);
     }
 
     fn pack_acts<const L: usize>(x: &[f32], out: &mut [Panel<8, L>]) {
@@ -311,9 +327,8 @@ impl Kind<8> for Q4_0 {
                 values[16 + l] = b.qs[l] >> 4;
             }
             put_groups(out, k, &values);
-            let (p, t) = lane(out, k);
-            p.scale[t] = b.d.to_f32();
         }
+        pack_q4_0_scales(w, out);
     }
 
     fn pack_acts<const L: usize>(x: &[f32], out: &mut [Panel<8, L>]) {

@@ -93,8 +93,8 @@ fn load<T: Copy>(field: &[T; 8]) -> __m256i {
 
 /// `vpmaddubsw` results that add up in 16-bit lanes without overflow for kind `K`.
 const fn steps_in_i16<K: Kind<V>, const V: usize>() -> usize {
+    // At least 1: `panel_dots` asserts that one product pair fits in 16 bits.
     let steps = (i16::MAX as i32 / (2 * 127 * K::W_MAX)) as usize;
-    let steps = if steps < 1 { 1 } else { steps };
     if steps > V {
         V
     } else {

@@ -9,7 +9,8 @@ use std::arch::x86_64::*;
 use super::avx2::{load256, q4_0_values, q4k_values, q5k_values};
 use crate::kernels::blocks::*;
 use crate::kernels::panel::{
-    clear_tail, lane, pack_k32_scales, Kind, Panel, Q4K, Q4_0, Q5K, Q6K, Q8_0,
+    clear_tail, lane, pack_k32_scales, pack_q4_0_scales, pack_q8_0_factors, Kind, Panel, Q4K, Q4_0,
+    Q5K, Q6K, Q8_0,
 };
 
 /// A kind's weight packing for the x86 panel kernels.
@@ -55,11 +56,7 @@ impl PackWeights<8> for Q8_0 {
         };
         // SAFETY: the caller guarantees AVX2.
         unsafe { pack_by_8_blocks(w, out, values) };
-        for (k, b) in w.iter().enumerate() {
-            let (p, t) = lane(out, k);
-            p.scale[t] = b.d.to_f32();
-            p.extra[t] = (-128 * b.qs.iter().map(|&q| q as i32).sum::<i32>()) as u32;
-        }
+        pack_q8_0_factors(w, out);
     }
 }
 
@@ -71,10 +68,7 @@ impl PackWeights<8> for Q4_0 {
         };
         // SAFETY: the caller guarantees AVX2.
         unsafe { pack_by_8_blocks(w, out, values) };
-        for (k, b) in w.iter().enumerate() {
-            let (p, t) = lane(out, k);
-            p.scale[t] = b.d.to_f32();
-        }
+        pack_q4_0_scales(w, out);
     }
 }
 
