@@ -1,14 +1,13 @@
 //! Attention of a sequence's new positions over its own [`KvCache`]: one query position
-//! (decode) on phi3's f16 kernels, several (a prompt chunk) as batched matmuls.
+//! (decode) on phi3's f16 kernels, several (a prompt chunk) in tiles of query rows by key vectors.
 //!
 //! Shapes: queries are rows of `heads * head_dim` values (rotated), query head `h` reading KV
 //! head `h / group`; the output has the queries' shape.
 
-use candle_core::{Device, Tensor};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::kv_cache::KvCache;
-use crate::error::Result;
 use crate::kernels::vector;
 
 /// What every attention call of one model shares.
@@ -37,41 +36,6 @@ impl AttentionShape {
             Some(window) => (pos + 1).saturating_sub(window),
             None => 0,
         }
-    }
-}
-
-/// The additive mask of a chunk of `seq` positions from `start`, `(seq, keys)`: causal, and
-/// within the sliding window. Built once per forward call and used by every layer.
-pub struct ChunkMask {
-    start: usize,
-    seq: usize,
-    /// First key position the chunk's first query may see.
-    first: usize,
-    mask: Tensor,
-}
-
-impl ChunkMask {
-    pub fn new(shape: &AttentionShape, start: usize, seq: usize) -> Result<Self> {
-        let first = shape.first_visible(start);
-        let keys = start + seq - first;
-        let window = shape.sliding_window.unwrap_or(usize::MAX);
-        let mut mask = vec![0f32; seq * keys];
-        for (row, values) in mask.chunks_exact_mut(keys).enumerate() {
-            let pos = start + row;
-            for (col, m) in values.iter_mut().enumerate() {
-                let key_pos = first + col;
-                if key_pos > pos || pos - key_pos >= window {
-                    *m = f32::NEG_INFINITY;
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (seq, keys), &Device::Cpu)?;
-        Ok(Self {
-            start,
-            seq,
-            first,
-            mask,
-        })
     }
 }
 
@@ -117,43 +81,274 @@ pub fn attend_one(
         });
 }
 
-/// Causal attention of the chunk `mask` describes (its queries `q`, `seq` rows of `stride`
-/// values whose first `heads * head_dim` are the queries, already written to the cache) into
-/// `out` (`seq` rows of `heads * head_dim`), as batched matmuls: the `group` query heads
-/// sharing one KV head become rows of one product with it.
+/// Query positions per task of [`attend_chunk`]: a task converts the keys and values its
+/// positions see once, so longer blocks convert less often, shorter ones balance the threads
+/// better (later positions see more keys).
+const QUERY_BLOCK: usize = 32;
+
+/// Keys per score vector: the scores of a tile of query rows come out 16 keys at a time.
+const KEY_LANES: usize = 16;
+
+/// Query rows per score tile: each key vector loaded serves this many rows.
+const TILE_ROWS: usize = 4;
+
+/// Causal attention of a chunk of `seq` positions from `start` (their queries `q`, `seq` rows of
+/// `stride` values whose first `heads * head_dim` are the queries, keys and values already
+/// written to the cache) into `out` (`seq` rows of `heads * head_dim`).
+///
+/// One task per (KV head, block of [`QUERY_BLOCK`] positions): it converts the f16 keys its
+/// positions see into f32, transposed so that a tile of query rows meets 16 keys per vector, and
+/// the values as they are; then each query row's scores, softmax and weighted sum of values.
+/// The `group` query heads sharing the KV head are rows of the same tiles.
 pub fn attend_chunk(
     shape: &AttentionShape,
     cache: &KvCache,
     layer: usize,
-    mask: &ChunkMask,
+    start: usize,
     q: &[f32],
     stride: usize,
     out: &mut [f32],
-) -> Result<()> {
-    let (d, heads, kv_heads, group) = (shape.head_dim, shape.heads, shape.kv_heads, shape.group());
-    let seq = mask.seq;
-    let n_keys = mask.start + seq - mask.first;
-    // (kv_heads, group * seq, d): row g * seq + s of KV head h is query head h * group + g at
-    // position s.
-    let mut rows = vec![0f32; heads * seq * d];
-    for (s, row) in q.chunks_exact(stride).enumerate() {
-        for head in 0..heads {
-            rows[(head * seq + s) * d..][..d].copy_from_slice(&row[head * d..][..d]);
+) {
+    let (d, heads, kv_heads) = (shape.head_dim, shape.heads, shape.kv_heads);
+    let seq = q.len() / stride;
+    assert_eq!(out.len(), seq * heads * d);
+    let blocks = seq.div_ceil(QUERY_BLOCK);
+    let tasks: Vec<(usize, usize)> = (0..kv_heads)
+        .flat_map(|h| (0..blocks).map(move |b| (h, b)))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(Scratch::default, |scratch, &(h, b)| {
+            let positions = b * QUERY_BLOCK..seq.min((b + 1) * QUERY_BLOCK);
+            attend_block(shape, cache, layer, start, h, positions, q, stride, scratch)
+        })
+        .collect();
+    let group = shape.group();
+    for (&(h, b), result) in tasks.iter().zip(&results) {
+        // Row (s - first, g) of the result is query head h * group + g at chunk position s.
+        for (k, row) in result.chunks_exact(group * d).enumerate() {
+            let s = b * QUERY_BLOCK + k;
+            out[(s * heads + h * group) * d..][..group * d].copy_from_slice(row);
         }
     }
-    let q = Tensor::from_vec(rows, (kv_heads, group * seq, d), &Device::Cpu)?;
-    let (keys, values) = cache.view(layer, mask.first, mask.start + seq)?;
-    let scores = (q.matmul(&keys.t()?)? * (1.0 / (d as f64).sqrt()))?;
-    let scores = scores
-        .reshape((kv_heads, group, seq, n_keys))?
-        .broadcast_add(&mask.mask)?
-        .reshape((kv_heads, group * seq, n_keys))?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let result = probs.matmul(&values)?.flatten_all()?.to_vec1::<f32>()?;
-    for (head, rows) in result.chunks_exact(seq * d).enumerate() {
-        for (s, r) in rows.chunks_exact(d).enumerate() {
-            out[(s * heads + head) * d..][..d].copy_from_slice(r);
+}
+
+/// A task's buffers, kept across the tasks a thread runs.
+#[derive(Default)]
+struct Scratch {
+    /// `(head_dim, keys padded to KEY_LANES)`: the keys, transposed.
+    keys: Vec<f32>,
+    /// `(keys, head_dim)`
+    values: Vec<f32>,
+    /// `(TILE_ROWS, keys padded)`
+    scores: Vec<f32>,
+}
+
+/// [`attend_chunk`] for KV head `h` and chunk positions `positions`: `(positions, group,
+/// head_dim)` values.
+#[allow(clippy::too_many_arguments)]
+fn attend_block(
+    shape: &AttentionShape,
+    cache: &KvCache,
+    layer: usize,
+    start: usize,
+    h: usize,
+    positions: std::ops::Range<usize>,
+    q: &[f32],
+    stride: usize,
+    scratch: &mut Scratch,
+) -> Vec<f32> {
+    let (d, group) = (shape.head_dim, shape.group());
+    // Keys first..end: what the block's first position sees, through its last position.
+    let first = shape.first_visible(start + positions.start);
+    let end = start + positions.end;
+    let n = end - first;
+    let padded = n.next_multiple_of(KEY_LANES);
+    scratch.keys.clear();
+    scratch.keys.resize(d * padded, 0.0);
+    scratch.values.resize(n * d, 0.0);
+    scratch.scores.resize(TILE_ROWS * padded, 0.0);
+    let mut j = 0;
+    for (k_run, v_run) in cache
+        .runs(layer, false, h, first, end)
+        .zip(cache.runs(layer, true, h, first, end))
+    {
+        for (k, key) in k_run.chunks_exact(d).enumerate() {
+            for (c, &value) in key.iter().enumerate() {
+                scratch.keys[c * padded + j + k] = value.to_f32();
+            }
+        }
+        v_run.convert_to_f32_slice(&mut scratch.values[j * d..][..v_run.len()]);
+        j += k_run.len() / d;
+    }
+
+    // Rows (s, g) in order; row r's visible keys are first_visible(pos)..=pos, less `first`.
+    let rows: Vec<(usize, &[f32])> = positions
+        .clone()
+        .flat_map(|s| {
+            (0..group).map(move |g| {
+                let head = h * group + g;
+                (s, &q[s * stride + head * d..][..d])
+            })
+        })
+        .collect();
+    let mut result = vec![0f32; rows.len() * d];
+    let scale = shape.scale();
+    for (tile, out) in rows.chunks(TILE_ROWS).zip(result.chunks_mut(TILE_ROWS * d)) {
+        let visible = |s: usize| {
+            let pos = start + s;
+            shape.first_visible(pos) - first..pos + 1 - first
+        };
+        // Whole key vectors from the tile's first visible key to its last.
+        let lo = visible(tile[0].0).start / KEY_LANES * KEY_LANES;
+        let hi = visible(tile[tile.len() - 1].0).end;
+        let queries: [&[f32]; TILE_ROWS] = std::array::from_fn(|r| tile[r.min(tile.len() - 1)].1);
+        score_tile(&queries, &scratch.keys, padded, lo..hi, &mut scratch.scores);
+        for (r, (&(s, _), out)) in tile.iter().zip(out.chunks_exact_mut(d)).enumerate() {
+            let seen = visible(s);
+            let scores = &mut scratch.scores[r * padded..][seen.clone()];
+            softmax(scores, scale);
+            weighted_sum(scores, &scratch.values[seen.start * d..seen.end * d], out);
         }
     }
-    Ok(())
+    result
+}
+
+/// Row r of `scores` (rows of `padded`), over `keys` (rounded out to whole vectors): the dot
+/// products of `queries[r]` with those keys (`keys_t`: `(head_dim, padded)`).
+#[inline]
+fn score_tile(
+    queries: &[&[f32]; TILE_ROWS],
+    keys_t: &[f32],
+    padded: usize,
+    keys: std::ops::Range<usize>,
+    scores: &mut [f32],
+) {
+    let d = queries[0].len();
+    for j in (keys.start..keys.end).step_by(KEY_LANES) {
+        let mut acc = [[0f32; KEY_LANES]; TILE_ROWS];
+        for c in 0..d {
+            let k: &[f32; KEY_LANES] = keys_t[c * padded + j..][..KEY_LANES]
+                .try_into()
+                .expect("padded to whole vectors");
+            for (acc, q) in acc.iter_mut().zip(queries) {
+                let q = q[c];
+                for (a, &k) in acc.iter_mut().zip(k) {
+                    *a = q.mul_add(k, *a);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            scores[r * padded + j..][..KEY_LANES].copy_from_slice(acc);
+        }
+    }
+}
+
+/// `scores` scaled by `scale`, then softmax in place.
+fn softmax(scores: &mut [f32], scale: f32) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for s in scores.iter_mut() {
+        *s = ((*s - max) * scale).exp();
+        total += *s;
+    }
+    let inv = 1.0 / total;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+}
+
+/// `out = sum_j p[j] * values[j]` (`values`: rows of `out.len()`).
+fn weighted_sum(p: &[f32], values: &[f32], out: &mut [f32]) {
+    match out.len() {
+        64 => weighted_sum_d::<64>(p, values, out),
+        96 => weighted_sum_d::<96>(p, values, out),
+        128 => weighted_sum_d::<128>(p, values, out),
+        d => {
+            out.fill(0.0);
+            for (&p, v) in p.iter().zip(values.chunks_exact(d)) {
+                for (o, &v) in out.iter_mut().zip(v) {
+                    *o = p.mul_add(v, *o);
+                }
+            }
+        }
+    }
+}
+
+/// [`weighted_sum`] for a head size known at compile time: the sum stays in registers.
+#[inline]
+fn weighted_sum_d<const D: usize>(p: &[f32], values: &[f32], out: &mut [f32]) {
+    let mut acc = [0f32; D];
+    for (&p, v) in p.iter().zip(values.chunks_exact(D)) {
+        for (a, &v) in acc.iter_mut().zip(v) {
+            *a = p.mul_add(v, *a);
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::model::kv_cache::KvShape;
+
+    /// A chunk's attention against decode attention of each of its positions in turn (which
+    /// reads only the keys up to its own position): the same up to float summation order,
+    /// across cache blocks, query blocks, sliding windows and query heads sharing a KV head.
+    #[test]
+    fn a_chunk_attends_as_its_positions_one_by_one() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for (heads, kv_heads, head_dim, window, cached, seq) in [
+            (4, 4, 96, None, 0, 70),
+            (6, 2, 128, None, 37, 41),
+            (3, 1, 8, Some(20), 10, 100),
+            (2, 2, 64, Some(64), 130, 3),
+            (2, 1, 20, None, 0, 2),
+        ] {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+                sliding_window: window,
+            };
+            let kv = KvShape {
+                layers: 1,
+                kv_heads,
+                head_dim,
+            };
+            let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+            let stride = q_width + 2 * kv_width;
+            let mut cache = KvCache::new(kv, 1000);
+            let mut rows = |n: usize| -> Vec<f32> {
+                (0..n * stride)
+                    .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+                    .collect()
+            };
+            let old = rows(cached);
+            cache.reserve(cached).unwrap();
+            cache.write(0, &old, stride, q_width, q_width + kv_width);
+            cache.advance(cached);
+            let qkv = rows(seq);
+            cache.reserve(seq).unwrap();
+            cache.write(0, &qkv, stride, q_width, q_width + kv_width);
+
+            let mut chunk = vec![f32::NAN; seq * q_width];
+            attend_chunk(&shape, &cache, 0, cached, &qkv, stride, &mut chunk);
+            let mut one = vec![f32::NAN; q_width];
+            for (s, got) in chunk.chunks_exact(q_width).enumerate() {
+                let q = &qkv[s * stride..][..q_width];
+                attend_one(&shape, &cache, 0, cached + s, q, &mut one);
+                for (k, (g, w)) in got.iter().zip(&one).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{heads}/{kv_heads} heads of {head_dim}, window {window:?}, position \
+                         {s} of {seq} after {cached}, value {k}: {g} against {w}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use half::{f16, slice::HalfFloatSliceExt};
 
 use crate::error::{Error, Result};
@@ -179,24 +178,6 @@ impl KvCache {
                 &block.0[at + from * d..at + to * d]
             })
     }
-
-    /// Keys and values for positions `start..end` of `layer`, as f32 tensors
-    /// `(kv_heads, end - start, head_dim)`.
-    pub fn view(&self, layer: usize, start: usize, end: usize) -> Result<(Tensor, Tensor)> {
-        let (d, n, heads) = (self.shape.head_dim, end - start, self.shape.kv_heads);
-        let gather = |values: bool| -> Result<Tensor> {
-            let mut out = vec![0f32; heads * n * d];
-            for (h, head) in out.chunks_exact_mut(n * d).enumerate() {
-                let mut at = 0;
-                for run in self.runs(layer, values, h, start, end) {
-                    run.convert_to_f32_slice(&mut head[at..at + run.len()]);
-                    at += run.len();
-                }
-            }
-            Ok(Tensor::from_vec(out, (heads, n, d), &Device::Cpu)?)
-        };
-        Ok((gather(false)?, gather(true)?))
-    }
 }
 
 #[cfg(test)]
@@ -242,11 +223,11 @@ mod tests {
         assert_eq!(cache.bytes(), 3 * SHAPE.block_bytes());
         let expected: Vec<f32> = (10..150).map(|p| p as f32).collect();
         assert_eq!(keys(&cache, 1, 10, 150), expected);
-        let (k, v) = cache.view(0, 60, 70).unwrap();
-        assert_eq!(k.dims(), &[2, 10, 4]);
-        let v = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(v[0], -60.0);
-        assert_eq!(v[4 * 9], -69.0);
+        let values: Vec<f32> = cache
+            .runs(0, true, 0, 60, 70)
+            .flat_map(|run| run.iter().step_by(SHAPE.head_dim).map(|v| v.to_f32()))
+            .collect();
+        assert_eq!(values, (60..70).map(|p| -p as f32).collect::<Vec<_>>());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::attention::{self, AttentionShape, ChunkMask};
+use super::attention::{self, AttentionShape};
 use super::config::Config;
 use super::kv_cache::{KvCache, KvShape};
 use super::linear::Linear;
@@ -296,17 +296,9 @@ impl Phi3Model {
         for (row, &token) in b.x.chunks_exact_mut(n_embd).zip(tokens) {
             self.token_embedding.row(token as usize, row)?;
         }
-        let shape = self.attention_shape();
-        let masks = seqs
-            .iter()
-            .map(|s| match s.tokens.len() {
-                1 => Ok(None),
-                seq => ChunkMask::new(&shape, s.cache.len(), seq).map(Some),
-            })
-            .collect::<Result<Vec<_>>>()?;
         for (i, layer) in self.layers.iter().enumerate() {
             rms_norm(&b.x, &layer.attn_norm, c.rms_eps, &mut b.normed);
-            self.attention(i, layer, seqs, &masks, b)?;
+            self.attention(i, layer, seqs, b)?;
             add(&mut b.x, &b.projected);
             rms_norm(&b.x, &layer.ffn_norm, c.rms_eps, &mut b.normed);
             self.feed_forward(layer, rows, b)?;
@@ -331,7 +323,6 @@ impl Phi3Model {
         index: usize,
         layer: &Layer,
         seqs: &mut [SeqInput<'_>],
-        masks: &[Option<ChunkMask>],
         b: &mut Workspace,
     ) -> Result<()> {
         let c = &self.config;
@@ -356,7 +347,7 @@ impl Phi3Model {
         }
         let shape = self.attention_shape();
         let mut first_row = 0;
-        for (s, mask) in seqs.iter_mut().zip(masks) {
+        for s in seqs.iter_mut() {
             let (n, start) = (s.tokens.len(), s.cache.len());
             let qkv = &mut b.qkv[first_row * width..(first_row + n) * width];
             for (p, row) in qkv.chunks_exact_mut(width).enumerate() {
@@ -366,11 +357,10 @@ impl Phi3Model {
             s.cache
                 .write(index, qkv, width, q_width, q_width + kv_width);
             let out = &mut b.attention[first_row * q_width..(first_row + n) * q_width];
-            match mask {
-                None => attention::attend_one(&shape, s.cache, index, start, &qkv[..q_width], out),
-                Some(mask) => {
-                    attention::attend_chunk(&shape, s.cache, index, mask, qkv, width, out)?
-                }
+            if n == 1 {
+                attention::attend_one(&shape, s.cache, index, start, &qkv[..q_width], out);
+            } else {
+                attention::attend_chunk(&shape, s.cache, index, start, qkv, width, out);
             }
             first_row += n;
         }
