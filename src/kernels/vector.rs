@@ -1,6 +1,7 @@
-//! Single-vector kernels over the f16 KV cache, for decode attention: the scores are dot
-//! products of the query with each cached key, the output a weighted sum of the cached values.
-//! Chosen per call from [`super::level`] (a relaxed atomic load once initialised).
+//! Single-vector kernels for attention: over the f16 KV cache for decode (the scores are dot
+//! products of the query with each cached key, the output a weighted sum of the cached values),
+//! chosen per call from [`super::level`] (a relaxed atomic load once initialised); and the
+//! softmax of both decode and prefill attention, in plain Rust the compiler vectorizes.
 
 use half::f16;
 
@@ -60,9 +61,84 @@ fn axpy_f16_avx2(a: f32, v: &[f16], out: &mut [f32]) {
     }
 }
 
+/// `scores` times `scale` (positive), then softmax in place: `e^(s - max) / sum`.
+pub fn softmax(scores: &mut [f32], scale: f32) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for s in scores.iter_mut() {
+        *s = exp_non_positive((*s - max) * scale);
+    }
+    // 16 partial sums: a sum the compiler may vectorize without reordering a single one.
+    let mut partial = [0f32; 16];
+    let mut chunks = scores.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (p, &s) in partial.iter_mut().zip(chunk) {
+            *p += s;
+        }
+    }
+    let total: f32 = partial.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    let inv = 1.0 / total;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+}
+
+/// `e^x` for `x <= 0` within 2 ulp (0 below -87, where `e^x` is under f32's smallest normal;
+/// NaN stays NaN), branch-free so that a loop of it vectorizes, where `f32::exp` is a libm call
+/// per value. Cephes' `expf`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-7 polynomial
+/// in `r`, and `2^n` put together from its bits.
+#[inline]
+fn exp_non_positive(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer (to nearest even) held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let t = x.mul_add(std::f32::consts::LOG2_E, ROUND);
+    let n = t - ROUND;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let p = 1.987_569_1e-4f32
+        .mul_add(r, 1.398_199_9e-3)
+        .mul_add(r, 8.333_452e-3)
+        .mul_add(r, 4.166_579_6e-2)
+        .mul_add(r, 1.666_666_5e-1)
+        .mul_add(r, 5.000_000_1e-1);
+    let e = p.mul_add(r * r, r + 1.0);
+    // n in -126..=0: 2^n is the float of exponent field n + 127.
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    e * f32::from_bits(((n_bits + 127) as u32) << 23)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_is_within_2_ulp_of_libm() {
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let (got, want) = (exp_non_positive(x), x.exp());
+            let ulps = (got.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(ulps <= 2, "e^{x}: {got} against {want}");
+            x -= 0.001_7;
+        }
+        assert_eq!(exp_non_positive(0.0), 1.0);
+        assert!(exp_non_positive(-200.0) < 1e-37);
+        assert!(exp_non_positive(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_the_order() {
+        for n in [1, 5, 16, 17, 100] {
+            let mut s: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 - 3.0).collect();
+            let raw = s.clone();
+            softmax(&mut s, 0.5);
+            let total: f32 = raw.iter().map(|v| ((v - 7.0) * 0.5).exp()).sum();
+            for (p, v) in s.iter().zip(&raw) {
+                let want = ((v - 7.0) * 0.5).exp() / total;
+                assert!((p - want).abs() <= 1e-6 * want.max(1e-3), "n = {n}: {p} against {want}");
+            }
+        }
+    }
 
     #[test]
     fn match_the_scalar_loops_on_odd_lengths() {

@@ -62,20 +62,15 @@ pub fn attend_one(
                     .runs(layer, false, h, first, end)
                     .flat_map(|run| run.chunks_exact(d));
                 for (s, k) in scores.iter_mut().zip(keys) {
-                    *s = scale * vector::dot_f16(k, q);
+                    *s = vector::dot_f16(k, q);
                 }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0.0;
-                for s in &mut scores {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
+                vector::softmax(&mut scores, scale);
                 out.fill(0.0);
                 let values = cache
                     .runs(layer, true, h, first, end)
                     .flat_map(|run| run.chunks_exact(d));
-                for (p, v) in scores.iter().zip(values) {
-                    vector::axpy_f16(p / total, v, out);
+                for (&p, v) in scores.iter().zip(values) {
+                    vector::axpy_f16(p, v, out);
                 }
             }
         });
@@ -142,6 +137,8 @@ struct Scratch {
     values: Vec<f32>,
     /// `(TILE_ROWS, keys padded)`
     scores: Vec<f32>,
+    /// One block's keys, converted before they are transposed.
+    run: Vec<f32>,
 }
 
 /// [`attend_chunk`] for KV head `h` and chunk positions `positions`: `(positions, group,
@@ -173,9 +170,11 @@ fn attend_block(
         .runs(layer, false, h, first, end)
         .zip(cache.runs(layer, true, h, first, end))
     {
-        for (k, key) in k_run.chunks_exact(d).enumerate() {
+        scratch.run.resize(k_run.len(), 0.0);
+        k_run.convert_to_f32_slice(&mut scratch.run);
+        for (k, key) in scratch.run.chunks_exact(d).enumerate() {
             for (c, &value) in key.iter().enumerate() {
-                scratch.keys[c * padded + j + k] = value.to_f32();
+                scratch.keys[c * padded + j + k] = value;
             }
         }
         v_run.convert_to_f32_slice(&mut scratch.values[j * d..][..v_run.len()]);
@@ -207,7 +206,7 @@ fn attend_block(
         for (r, (&(s, _), out)) in tile.iter().zip(out.chunks_exact_mut(d)).enumerate() {
             let seen = visible(s);
             let scores = &mut scratch.scores[r * padded..][seen.clone()];
-            softmax(scores, scale);
+            vector::softmax(scores, scale);
             weighted_sum(scores, &scratch.values[seen.start * d..seen.end * d], out);
         }
     }
@@ -241,20 +240,6 @@ fn score_tile(
         for (r, acc) in acc.iter().enumerate() {
             scores[r * padded + j..][..KEY_LANES].copy_from_slice(acc);
         }
-    }
-}
-
-/// `scores` scaled by `scale`, then softmax in place.
-fn softmax(scores: &mut [f32], scale: f32) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0;
-    for s in scores.iter_mut() {
-        *s = ((*s - max) * scale).exp();
-        total += *s;
-    }
-    let inv = 1.0 / total;
-    for s in scores.iter_mut() {
-        *s *= inv;
     }
 }
 
