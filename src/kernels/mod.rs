@@ -9,6 +9,7 @@
 //! Rows are split over the current rayon pool in chunks of [`ROWS_PER_TASK`], so the caller's
 //! `ThreadPool::install` decides the threads.
 
+pub mod attention;
 pub mod blocks;
 pub mod cpu_info;
 pub mod dequantize;

@@ -387,9 +387,14 @@ pub fn gemm<K: Kind<V>, const V: usize, const L: usize>(
     // K in even chunks of at most `chunk_bytes` per call's activations.
     let chunks = (np * call_a * size_of::<Panel<V, L>>()).div_ceil(chunk_bytes);
     let kc = np.div_ceil(chunks);
-    tiles_par(out, tile_rows, Vec::new, |wp, tile| {
+    let scratch = <(Vec<Panel<V, L>>, Vec<f32>)>::default;
+    tiles_par(out, tile_rows, scratch, |(wp, sums), tile| {
         let rows = tile.rows();
         wp.resize(rows.len() * np, Panel::ZERO);
+        // The tile's outputs, `(n, rows)`, written out a whole row at a time at the end: one
+        // by one, each would land in its own cache line of the (much larger) output.
+        sums.clear();
+        sums.resize(n * rows.len(), 0.0);
         for (p, r) in wp.chunks_mut(np).zip(rows.clone()) {
             pack_weights(&w[r * bpr..(r + 1) * bpr], p);
         }
@@ -407,16 +412,14 @@ pub fn gemm<K: Kind<V>, const V: usize, const L: usize>(
                     dots(&wr[..rw], &ar[..ra], &mut res[..rw * ra]);
                     for r in 0..rw {
                         for i in 0..ra {
-                            let (v, i, r) = (res[r * ra + i], i0 + i, rows.start + r0 + r);
-                            if c0 == 0 {
-                                tile.set(i, r, v);
-                            } else {
-                                tile.add(i, r, v);
-                            }
+                            sums[(i0 + i) * rows.len() + r0 + r] += res[r * ra + i];
                         }
                     }
                 }
             }
+        }
+        for (i, row) in sums.chunks_exact(rows.len()).enumerate() {
+            tile.set_row(i, row);
         }
     });
 }

@@ -42,7 +42,7 @@ pub(crate) struct SharedOut<'a> {
     _out: PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: the only writes through `ptr` are `Tile::set`, and the tiles alive at once cover
+// SAFETY: the only writes through `ptr` are `Tile::set` and `Tile::set_row`, and the tiles alive at once cover
 // disjoint weight rows (`tiles_par`), so no element is written by two threads.
 unsafe impl Sync for SharedOut<'_> {}
 
@@ -79,11 +79,15 @@ impl Tile<'_> {
         unsafe { *self.out.ptr.add(i * self.out.rows + r) = v }
     }
 
-    /// `out[i * rows + r] += v`, for `r` in this tile.
+    /// `out[i * rows + r] = values[r - start]` for every row `r` of this tile (`start..`).
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn add(&mut self, i: usize, r: usize, v: f32) {
-        assert!(i < self.out.n && self.rows.contains(&r));
-        // SAFETY: as in `set`.
-        unsafe { *self.out.ptr.add(i * self.out.rows + r) += v }
+    pub(crate) fn set_row(&mut self, i: usize, values: &[f32]) {
+        assert!(i < self.out.n && values.len() == self.rows.len());
+        // SAFETY: as in `set`, for each of the tile's rows; `values` is not part of `out`, which
+        // `SharedOut` borrows mutably.
+        unsafe {
+            let at = self.out.ptr.add(i * self.out.rows + self.rows.start);
+            std::ptr::copy_nonoverlapping(values.as_ptr(), at, values.len());
+        }
     }
 }

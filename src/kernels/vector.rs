@@ -135,7 +135,10 @@ mod tests {
             let total: f32 = raw.iter().map(|v| ((v - 7.0) * 0.5).exp()).sum();
             for (p, v) in s.iter().zip(&raw) {
                 let want = ((v - 7.0) * 0.5).exp() / total;
-                assert!((p - want).abs() <= 1e-6 * want.max(1e-3), "n = {n}: {p} against {want}");
+                assert!(
+                    (p - want).abs() <= 1e-6 * want.max(1e-3),
+                    "n = {n}: {p} against {want}"
+                );
             }
         }
     }

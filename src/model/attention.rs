@@ -8,6 +8,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::kv_cache::KvCache;
+use crate::kernels::attention::{score_tile, weighted_sum_tile, KEY_LANES, TILE_ROWS};
 use crate::kernels::vector;
 
 /// What every attention call of one model shares.
@@ -79,13 +80,7 @@ pub fn attend_one(
 /// Query positions per task of [`attend_chunk`]: a task converts the keys and values its
 /// positions see once, so longer blocks convert less often, shorter ones balance the threads
 /// better (later positions see more keys).
-const QUERY_BLOCK: usize = 32;
-
-/// Keys per score vector: the scores of a tile of query rows come out 16 keys at a time.
-const KEY_LANES: usize = 16;
-
-/// Query rows per score tile: each key vector loaded serves this many rows.
-const TILE_ROWS: usize = 4;
+const QUERY_BLOCK: usize = 64;
 
 /// Causal attention of a chunk of `seq` positions from `start` (their queries `q`, `seq` rows of
 /// `stride` values whose first `heads * head_dim` are the queries, keys and values already
@@ -172,9 +167,15 @@ fn attend_block(
     {
         scratch.run.resize(k_run.len(), 0.0);
         k_run.convert_to_f32_slice(&mut scratch.run);
-        for (k, key) in scratch.run.chunks_exact(d).enumerate() {
-            for (c, &value) in key.iter().enumerate() {
-                scratch.keys[c * padded + j + k] = value;
+        // 16 keys at a time (6 KiB of them for 96 values each, in L1): each value of theirs
+        // goes into one contiguous run of its transposed row.
+        for (k0, keys) in scratch.run.chunks(KEY_LANES * d).enumerate() {
+            let at = j + k0 * KEY_LANES;
+            for c in 0..d {
+                let row = &mut scratch.keys[c * padded + at..][..keys.len() / d];
+                for (t, key) in row.iter_mut().zip(keys.chunks_exact(d)) {
+                    *t = key[c];
+                }
             }
         }
         v_run.convert_to_f32_slice(&mut scratch.values[j * d..][..v_run.len()]);
@@ -193,83 +194,34 @@ fn attend_block(
         .collect();
     let mut result = vec![0f32; rows.len() * d];
     let scale = shape.scale();
+    let visible = |s: usize| {
+        let pos = start + s;
+        shape.first_visible(pos) - first..pos + 1 - first
+    };
     for (tile, out) in rows.chunks(TILE_ROWS).zip(result.chunks_mut(TILE_ROWS * d)) {
-        let visible = |s: usize| {
-            let pos = start + s;
-            shape.first_visible(pos) - first..pos + 1 - first
-        };
-        // Whole key vectors from the tile's first visible key to its last.
-        let lo = visible(tile[0].0).start / KEY_LANES * KEY_LANES;
-        let hi = visible(tile[tile.len() - 1].0).end;
+        // The keys any row of the tile sees; each row's weights are 0 outside its own.
+        let keys = visible(tile[0].0).start..visible(tile[tile.len() - 1].0).end;
         let queries: [&[f32]; TILE_ROWS] = std::array::from_fn(|r| tile[r.min(tile.len() - 1)].1);
-        score_tile(&queries, &scratch.keys, padded, lo..hi, &mut scratch.scores);
-        for (r, (&(s, _), out)) in tile.iter().zip(out.chunks_exact_mut(d)).enumerate() {
+        score_tile(
+            &queries,
+            &scratch.keys,
+            padded,
+            keys.clone(),
+            &mut scratch.scores,
+        );
+        let mut weights: Vec<&[f32]> = Vec::with_capacity(tile.len());
+        for (row, &(s, _)) in scratch.scores.chunks_exact_mut(padded).zip(tile) {
             let seen = visible(s);
-            let scores = &mut scratch.scores[r * padded..][seen.clone()];
-            vector::softmax(scores, scale);
-            weighted_sum(scores, &scratch.values[seen.start * d..seen.end * d], out);
+            vector::softmax(&mut row[seen.clone()], scale);
+            row[keys.start..seen.start].fill(0.0);
+            row[seen.end..keys.end].fill(0.0);
+            weights.push(&row[keys.clone()]);
         }
+        let mut outs: Vec<&mut [f32]> = out.chunks_exact_mut(d).collect();
+        let values = &scratch.values[keys.start * d..keys.end * d];
+        weighted_sum_tile(&weights, values, &mut outs);
     }
     result
-}
-
-/// Row r of `scores` (rows of `padded`), over `keys` (rounded out to whole vectors): the dot
-/// products of `queries[r]` with those keys (`keys_t`: `(head_dim, padded)`).
-#[inline]
-fn score_tile(
-    queries: &[&[f32]; TILE_ROWS],
-    keys_t: &[f32],
-    padded: usize,
-    keys: std::ops::Range<usize>,
-    scores: &mut [f32],
-) {
-    let d = queries[0].len();
-    for j in (keys.start..keys.end).step_by(KEY_LANES) {
-        let mut acc = [[0f32; KEY_LANES]; TILE_ROWS];
-        for c in 0..d {
-            let k: &[f32; KEY_LANES] = keys_t[c * padded + j..][..KEY_LANES]
-                .try_into()
-                .expect("padded to whole vectors");
-            for (acc, q) in acc.iter_mut().zip(queries) {
-                let q = q[c];
-                for (a, &k) in acc.iter_mut().zip(k) {
-                    *a = q.mul_add(k, *a);
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            scores[r * padded + j..][..KEY_LANES].copy_from_slice(acc);
-        }
-    }
-}
-
-/// `out = sum_j p[j] * values[j]` (`values`: rows of `out.len()`).
-fn weighted_sum(p: &[f32], values: &[f32], out: &mut [f32]) {
-    match out.len() {
-        64 => weighted_sum_d::<64>(p, values, out),
-        96 => weighted_sum_d::<96>(p, values, out),
-        128 => weighted_sum_d::<128>(p, values, out),
-        d => {
-            out.fill(0.0);
-            for (&p, v) in p.iter().zip(values.chunks_exact(d)) {
-                for (o, &v) in out.iter_mut().zip(v) {
-                    *o = p.mul_add(v, *o);
-                }
-            }
-        }
-    }
-}
-
-/// [`weighted_sum`] for a head size known at compile time: the sum stays in registers.
-#[inline]
-fn weighted_sum_d<const D: usize>(p: &[f32], values: &[f32], out: &mut [f32]) {
-    let mut acc = [0f32; D];
-    for (&p, v) in p.iter().zip(values.chunks_exact(D)) {
-        for (a, &v) in acc.iter_mut().zip(v) {
-            *a = p.mul_add(v, *a);
-        }
-    }
-    out.copy_from_slice(&acc);
 }
 
 #[cfg(test)]
