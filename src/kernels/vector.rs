@@ -101,7 +101,7 @@ fn exp_non_positive(x: f32) -> f32 {
         .mul_add(r, 8.333_452e-3)
         .mul_add(r, 4.166_579_6e-2)
         .mul_add(r, 1.666_666_5e-1)
-        .mul_add(r, 5.000_000_1e-1);
+        .mul_add(r, 0.5);
     let e = p.mul_add(r * r, r + 1.0);
     // n in -126..=0: 2^n is the float of exponent field n + 127.
     let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
