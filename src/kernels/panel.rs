@@ -127,7 +127,7 @@ fn pack_acts_k32<const L: usize>(x: &[f32], out: &mut [Panel<8, L>]) {
 
 /// Q4_K/Q5_K weights: the scales (`d` times the sub-block's) and mins' factors of block `k`,
 /// given its `d`, `dmin` and unpacked sub-block scales and mins.
-pub fn pack_k32_scales<const L: usize>(
+fn pack_k32_scales<const L: usize>(
     out: &mut [Panel<8, L>],
     k: usize,
     (d, dmin): (half::f16, half::f16),
@@ -236,6 +236,7 @@ impl Kind<4> for Q6K {
             for (s, &scale) in b.scales.iter().enumerate() {
                 let (p, t) = lane(out, 16 * k + s);
                 p.scale[t] = d * scale as f32;
+                p.extra[t] = 0;
             }
         }
     }

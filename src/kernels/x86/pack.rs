@@ -2,15 +2,15 @@
 //! groups of 32 values, one vector each as gemv unpacks them (a Q4_K/Q5_K block's sub-blocks, or
 //! 8 Q8_0/Q4_0 blocks), become 8 lanes of a panel by an 8 x 8 transpose of 32-bit words, where
 //! the scalar packing (`panel::Kind::pack_weights`, the reference the tests hold this to) moves
-//! them a byte at a time. Q6_K (groups of 16) packs with the scalar code.
+//! them a byte at a time. Q6_K's 16 groups of 16 values become 16 lanes of 4 words by the same
+//! transpose and an interleave.
 
 use std::arch::x86_64::*;
 
 use super::avx2::{load256, q4_0_values, q4k_values, q5k_values};
 use crate::kernels::blocks::*;
 use crate::kernels::panel::{
-    clear_tail, lane, pack_k32_scales, pack_q4_0_scales, pack_q8_0_factors, Kind, Panel, Q4K, Q4_0,
-    Q5K, Q6K, Q8_0,
+    clear_tail, lane, pack_q4_0_scales, pack_q8_0_factors, Kind, Panel, Q4K, Q4_0, Q5K, Q6K, Q8_0,
 };
 
 /// A kind's weight packing for the x86 panel kernels.
@@ -29,8 +29,10 @@ impl PackWeights<8> for Q4K {
         clear_tail(out);
         for (k, b) in w.iter().enumerate() {
             // SAFETY: the caller guarantees AVX2.
-            unsafe { put_block(out, k, q4k_values(b)) };
-            pack_k32_scales(out, k, (b.d, b.dmin), unpack_scales_k4(&b.scales));
+            unsafe {
+                put_block(out, k, q4k_values(b));
+                put_k32_scales(out, k, (b.d, b.dmin), unpack_scales_k4(&b.scales));
+            }
         }
     }
 }
@@ -40,13 +42,111 @@ impl PackWeights<8> for Q5K {
         clear_tail(out);
         for (k, b) in w.iter().enumerate() {
             // SAFETY: the caller guarantees AVX2.
-            unsafe { put_block(out, k, q5k_values(b)) };
-            pack_k32_scales(out, k, (b.d, b.dmin), unpack_scales_k4(&b.scales));
+            unsafe {
+                put_block(out, k, q5k_values(b));
+                put_k32_scales(out, k, (b.d, b.dmin), unpack_scales_k4(&b.scales));
+            }
         }
     }
 }
 
-impl PackWeights<4> for Q6K {}
+impl PackWeights<4> for Q6K {
+    unsafe fn pack_weights_x86<const L: usize>(w: &[BlockQ6K], out: &mut [Panel<4, L>]) {
+        // SAFETY: the caller guarantees AVX2.
+        unsafe { pack_q6k(w, out) }
+    }
+}
+
+/// [`Q6K`]'s packing: each block's values transposed into words, its scales converted, 8
+/// groups at a time.
+#[target_feature(enable = "avx2")]
+fn pack_q6k<const L: usize>(w: &[BlockQ6K], out: &mut [Panel<4, L>]) {
+    const { assert!(L.is_multiple_of(8), "half a block fills 8 lanes") };
+    for (k, b) in w.iter().enumerate() {
+        let values = transpose8(q6k_values(b));
+        // values[v] holds word v of groups 0, 2, .. 14 (v < 4) or of 1, 3, .. 15 (v - 4):
+        // interleaved, words v of groups 0-7 and of 8-15.
+        let d = _mm256_set1_ps(b.d.to_f32());
+        for half in 0..2 {
+            let (p, t) = lane(out, 16 * k + 8 * half);
+            for (v, q) in p.q.iter_mut().enumerate() {
+                let (even, odd) = (values[v], values[v + 4]);
+                let (lo, hi) = (
+                    _mm256_unpacklo_epi32(even, odd),
+                    _mm256_unpackhi_epi32(even, odd),
+                );
+                let words = if half == 0 {
+                    _mm256_permute2x128_si256::<0x20>(lo, hi)
+                } else {
+                    _mm256_permute2x128_si256::<0x31>(lo, hi)
+                };
+                // SAFETY: 8 u32 lanes are 32 bytes.
+                unsafe { _mm256_storeu_si256(q[t..t + 8].as_mut_ptr().cast(), words) };
+            }
+            // SAFETY: 8 bytes of the 16 scales.
+            let scales = unsafe { _mm_loadl_epi64(b.scales[8 * half..].as_ptr().cast()) };
+            let scales = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scales)));
+            // SAFETY: 8 f32 lanes are 32 bytes.
+            unsafe { _mm256_storeu_ps(p.scale[t..t + 8].as_mut_ptr(), scales) };
+            p.extra[t..t + 8].fill(0);
+        }
+    }
+}
+
+/// A Q6_K block's 256 values (0..=63, the offset of 32 left to the activations), 32 per vector
+/// in order, as `Q6K::pack_weights` reads them from `ql` and `qh`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_values(b: &BlockQ6K) -> [__m256i; 8] {
+    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+    let mut q = [_mm256_setzero_si256(); 8];
+    for n in 0..2 {
+        let qh = load256(&b.qh, 32 * n);
+        for c in 0..4 {
+            let ql = load256(&b.ql, 64 * n + 32 * (c % 2));
+            let low = if c < 2 {
+                _mm256_and_si256(ql, m4)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
+            };
+            // Bits 2c..2c + 2 of qh, as bits 4-5: shifted in 16-bit lanes, then masked.
+            let high = match c {
+                0 => _mm256_and_si256(qh, m2),
+                1 => _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                2 => _mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2),
+                _ => _mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2),
+            };
+            q[4 * n + c] = _mm256_or_si256(low, _mm256_slli_epi16::<4>(high));
+        }
+    }
+    q
+}
+
+/// Q4_K/Q5_K: block `k`'s scales (`d` times the sub-block's) and mins' factors (`-dmin` times
+/// the sub-block's min) into lanes 8k.., as `panel::pack_k32_scales` computes them.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn put_k32_scales<const L: usize>(
+    out: &mut [Panel<8, L>],
+    k: usize,
+    (d, dmin): (half::f16, half::f16),
+    (sc, mn): ([u8; 8], [u8; 8]),
+) {
+    let as_f32 = |bytes: [u8; 8]| {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi64x(
+            0,
+            i64::from_le_bytes(bytes),
+        )))
+    };
+    let scales = _mm256_mul_ps(_mm256_set1_ps(d.to_f32()), as_f32(sc));
+    let mins = _mm256_mul_ps(_mm256_set1_ps(-dmin.to_f32()), as_f32(mn));
+    let (p, t) = lane(out, 8 * k);
+    // SAFETY: 8 f32 or u32 lanes are 32 bytes.
+    unsafe {
+        _mm256_storeu_ps(p.scale[t..t + 8].as_mut_ptr(), scales);
+        _mm256_storeu_ps(p.extra[t..t + 8].as_mut_ptr().cast(), mins);
+    }
+}
 
 impl PackWeights<8> for Q8_0 {
     unsafe fn pack_weights_x86<const L: usize>(w: &[BlockQ8_0], out: &mut [Panel<8, L>]) {
@@ -152,12 +252,12 @@ mod tests {
     use crate::kernels::{hardware_level, CpuLevel};
     use candle_core::quantized::GgmlDType;
 
-    fn same<K: PackWeights<8>, const L: usize>(w: &[K::Block]) {
+    fn same<K: PackWeights<V>, const V: usize, const L: usize>(w: &[K::Block]) {
         let panels = (w.len() * K::GROUPS).div_ceil(L);
         // Garbage first: every byte must be written.
         let mut want = vec![
-            Panel::<8, L> {
-                q: [[7; L]; 8],
+            Panel::<V, L> {
+                q: [[7; L]; V],
                 scale: [3.0; L],
                 extra: [5; L]
             };
@@ -183,22 +283,26 @@ mod tests {
         for blocks in [1, 2, 3, 12, 13] {
             let w = random_blocks(&mut rng, GgmlDType::Q4K, blocks);
             let w: &[BlockQ4K] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q4K, 8>(w);
-            same::<Q4K, 16>(w);
+            same::<Q4K, 8, 8>(w);
+            same::<Q4K, 8, 16>(w);
             let w = random_blocks(&mut rng, GgmlDType::Q5K, blocks);
             let w: &[BlockQ5K] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q5K, 8>(w);
-            same::<Q5K, 16>(w);
+            same::<Q5K, 8, 8>(w);
+            same::<Q5K, 8, 16>(w);
+            let w = random_blocks(&mut rng, GgmlDType::Q6K, blocks);
+            let w: &[BlockQ6K] = cast_slice(w.bytes(), "w").unwrap();
+            same::<Q6K, 4, 8>(w);
+            same::<Q6K, 4, 16>(w);
         }
         for blocks in [1, 7, 8, 9, 96, 100] {
             let w = random_blocks(&mut rng, GgmlDType::Q8_0, blocks);
             let w: &[BlockQ8_0] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q8_0, 8>(w);
-            same::<Q8_0, 16>(w);
+            same::<Q8_0, 8, 8>(w);
+            same::<Q8_0, 8, 16>(w);
             let w = random_blocks(&mut rng, GgmlDType::Q4_0, blocks);
             let w: &[BlockQ4_0] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q4_0, 8>(w);
-            same::<Q4_0, 16>(w);
+            same::<Q4_0, 8, 8>(w);
+            same::<Q4_0, 8, 16>(w);
         }
     }
 }
