@@ -28,8 +28,9 @@ impl PackWeights<8> for Q4K {
     unsafe fn pack_weights_x86<const L: usize>(w: &[BlockQ4K], out: &mut [Panel<8, L>]) {
         clear_tail(out);
         for (k, b) in w.iter().enumerate() {
-            // SAFETY: the caller guarantees AVX2.
+            // SAFETY: the caller guarantees AVX2 (and so SSE).
             unsafe {
+                super::prefetch_ahead(b);
                 put_block(out, k, q4k_values(b));
                 put_k32_scales(out, k, (b.d, b.dmin), unpack_scales_k4(&b.scales));
             }
@@ -63,6 +64,7 @@ impl PackWeights<4> for Q6K {
 fn pack_q6k<const L: usize>(w: &[BlockQ6K], out: &mut [Panel<4, L>]) {
     const { assert!(L.is_multiple_of(8), "half a block fills 8 lanes") };
     for (k, b) in w.iter().enumerate() {
+        super::prefetch_ahead(b);
         let values = transpose8(q6k_values(b));
         // values[v] holds word v of groups 0, 2, .. 14 (v < 4) or of 1, 3, .. 15 (v - 4):
         // interleaved, words v of groups 0-7 and of 8-15.
