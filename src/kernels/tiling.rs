@@ -42,8 +42,8 @@ pub(crate) struct SharedOut<'a> {
     _out: PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: the only writes through `ptr` are `Tile::set` and `Tile::set_row`, and the tiles alive at once cover
-// disjoint weight rows (`tiles_par`), so no element is written by two threads.
+// SAFETY: the only writes through `ptr` are `Tile::set` and `Tile::set_row`, and the tiles alive
+// at once cover disjoint weight rows (`tiles_par`), so no element is written by two threads.
 unsafe impl Sync for SharedOut<'_> {}
 
 impl<'a> SharedOut<'a> {

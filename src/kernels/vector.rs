@@ -67,7 +67,8 @@ pub fn softmax(scores: &mut [f32], scale: f32) {
     for s in scores.iter_mut() {
         *s = exp_non_positive((*s - max) * scale);
     }
-    // 16 partial sums: a sum the compiler may vectorize without reordering a single one.
+    // 16 partial sums in a fixed order: the compiler may vectorize them without changing the
+    // result, where one running sum must stay scalar.
     let mut partial = [0f32; 16];
     let mut chunks = scores.chunks_exact(16);
     for chunk in &mut chunks {
@@ -82,8 +83,8 @@ pub fn softmax(scores: &mut [f32], scale: f32) {
     }
 }
 
-/// `e^x` for `x <= 0` within 2 ulp (0 below -87, where `e^x` is under f32's smallest normal;
-/// NaN stays NaN), branch-free so that a loop of it vectorizes, where `f32::exp` is a libm call
+/// `e^x` for `x <= 0` within 2 ulp (below -87, `e^-87`, about 1.6e-38, at the bottom of f32's
+/// normals; NaN stays NaN), branch-free so that a loop of it vectorizes, where `f32::exp` is a libm call
 /// per value. Cephes' `expf`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-7 polynomial
 /// in `r`, and `2^n` put together from its bits.
 #[inline]

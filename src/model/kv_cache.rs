@@ -206,9 +206,10 @@ mod tests {
         cache.advance(n);
     }
 
-    fn keys(cache: &KvCache, layer: usize, start: usize, end: usize) -> Vec<f32> {
+    /// The first value of KV head 1's keys (or `values`) at each position `start..end`.
+    fn read(cache: &KvCache, layer: usize, values: bool, start: usize, end: usize) -> Vec<f32> {
         cache
-            .runs(layer, false, 1, start, end)
+            .runs(layer, values, 1, start, end)
             .flat_map(|run| run.iter().step_by(SHAPE.head_dim).map(|v| v.to_f32()))
             .collect()
     }
@@ -222,12 +223,9 @@ mod tests {
         assert_eq!(cache.len(), 161);
         assert_eq!(cache.bytes(), 3 * SHAPE.block_bytes());
         let expected: Vec<f32> = (10..150).map(|p| p as f32).collect();
-        assert_eq!(keys(&cache, 1, 10, 150), expected);
-        let values: Vec<f32> = cache
-            .runs(0, true, 0, 60, 70)
-            .flat_map(|run| run.iter().step_by(SHAPE.head_dim).map(|v| v.to_f32()))
-            .collect();
-        assert_eq!(values, (60..70).map(|p| -p as f32).collect::<Vec<_>>());
+        assert_eq!(read(&cache, 1, false, 10, 150), expected);
+        let negated: Vec<f32> = (60..70).map(|p| -p as f32).collect();
+        assert_eq!(read(&cache, 0, true, 60, 70), negated);
     }
 
     #[test]
@@ -243,11 +241,14 @@ mod tests {
         assert_eq!(a.block_ids().next(), original.block_ids().next());
         assert_ne!(a.block_ids().nth(1), original.block_ids().nth(1));
         assert_eq!(
-            keys(&original, 0, 64, 70),
+            read(&original, 0, false, 64, 70),
             [64.0, 65.0, 66.0, 67.0, 68.0, 69.0]
         );
-        assert_eq!(keys(&a, 0, 64, 68), [64.0, 65.0, 1066.0, 1067.0]);
-        assert_eq!(keys(&b, 0, 64, 69), [64.0, 65.0, 566.0, 567.0, 568.0]);
+        assert_eq!(read(&a, 0, false, 64, 68), [64.0, 65.0, 1066.0, 1067.0]);
+        assert_eq!(
+            read(&b, 0, false, 64, 69),
+            [64.0, 65.0, 566.0, 567.0, 568.0]
+        );
     }
 
     #[test]
@@ -257,7 +258,7 @@ mod tests {
         cache.truncate(20);
         assert_eq!(cache.bytes(), SHAPE.block_bytes());
         append(&mut cache, 2, 500.0);
-        assert_eq!(keys(&cache, 1, 18, 22), [18.0, 19.0, 520.0, 521.0]);
+        assert_eq!(read(&cache, 1, false, 18, 22), [18.0, 19.0, 520.0, 521.0]);
     }
 
     #[test]

@@ -276,6 +276,20 @@ mod tests {
         }
     }
 
+    /// Random blocks of `dtype` packed both ways, into panels of 8 and of 16 lanes.
+    fn same_random<K: PackWeights<V>, const V: usize>(
+        rng: &mut StdRng,
+        dtype: GgmlDType,
+        blocks: usize,
+    ) where
+        K::Block: Pod,
+    {
+        let w = random_blocks(rng, dtype, blocks);
+        let w: &[K::Block] = cast_slice(w.bytes(), "w").unwrap();
+        same::<K, V, 8>(w);
+        same::<K, V, 16>(w);
+    }
+
     #[test]
     fn avx2_packing_matches_the_scalar_one() {
         if hardware_level() < CpuLevel::Avx2 {
@@ -283,28 +297,13 @@ mod tests {
         }
         let mut rng = StdRng::seed_from_u64(19);
         for blocks in [1, 2, 3, 12, 13] {
-            let w = random_blocks(&mut rng, GgmlDType::Q4K, blocks);
-            let w: &[BlockQ4K] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q4K, 8, 8>(w);
-            same::<Q4K, 8, 16>(w);
-            let w = random_blocks(&mut rng, GgmlDType::Q5K, blocks);
-            let w: &[BlockQ5K] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q5K, 8, 8>(w);
-            same::<Q5K, 8, 16>(w);
-            let w = random_blocks(&mut rng, GgmlDType::Q6K, blocks);
-            let w: &[BlockQ6K] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q6K, 4, 8>(w);
-            same::<Q6K, 4, 16>(w);
+            same_random::<Q4K, 8>(&mut rng, GgmlDType::Q4K, blocks);
+            same_random::<Q5K, 8>(&mut rng, GgmlDType::Q5K, blocks);
+            same_random::<Q6K, 4>(&mut rng, GgmlDType::Q6K, blocks);
         }
         for blocks in [1, 7, 8, 9, 96, 100] {
-            let w = random_blocks(&mut rng, GgmlDType::Q8_0, blocks);
-            let w: &[BlockQ8_0] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q8_0, 8, 8>(w);
-            same::<Q8_0, 8, 16>(w);
-            let w = random_blocks(&mut rng, GgmlDType::Q4_0, blocks);
-            let w: &[BlockQ4_0] = cast_slice(w.bytes(), "w").unwrap();
-            same::<Q4_0, 8, 8>(w);
-            same::<Q4_0, 8, 16>(w);
+            same_random::<Q8_0, 8>(&mut rng, GgmlDType::Q8_0, blocks);
+            same_random::<Q4_0, 8>(&mut rng, GgmlDType::Q4_0, blocks);
         }
     }
 }
