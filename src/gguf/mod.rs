@@ -4,9 +4,11 @@
 pub mod metadata;
 pub mod names;
 pub mod reader;
+pub mod tensor_type;
 
 pub use metadata::{Metadata, Value};
 pub use reader::{GgufFile, TensorInfo};
+pub use tensor_type::TensorType;
 
 #[cfg(test)]
 mod test_writer;

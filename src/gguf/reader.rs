@@ -4,12 +4,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::GgmlDType;
 use memmap2::Mmap;
 
 use super::metadata::{Metadata, Value};
+use super::tensor_type::TensorType;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -38,10 +39,17 @@ pub struct TensorInfo {
     pub name: String,
     /// ggml order: `dims[0]` is the innermost (contiguous) dimension.
     pub dims: Vec<usize>,
-    pub dtype: GgmlDType,
+    pub dtype: TensorType,
     /// Absolute byte offset in the file.
     pub offset: usize,
     pub size_bytes: usize,
+}
+
+impl TensorInfo {
+    /// Where the tensor's bytes lie in the file.
+    pub fn data(&self) -> Range<usize> {
+        self.offset..self.offset + self.size_bytes
+    }
 }
 
 /// Everything before the tensor data, parsed and validated.
@@ -120,7 +128,13 @@ impl GgufFile {
 
     /// The tensor's bytes, in place in the map (bounds were checked when parsing).
     pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
-        &self.mmap[info.offset..info.offset + info.size_bytes]
+        self.bytes(info.data())
+    }
+
+    /// The file's bytes in `range` (a tensor's [`data`](TensorInfo::data), kept apart from its
+    /// info).
+    pub fn bytes(&self, range: Range<usize>) -> &[u8] {
+        &self.mmap[range]
     }
 }
 
@@ -217,7 +231,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
     let file_len = bytes.len() as u64;
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, dims, type_id, offset) in raw {
-        let dtype = dtype_from_id(type_id).ok_or_else(|| {
+        let dtype = TensorType::from_id(type_id).ok_or_else(|| {
             Error::unsupported(format!(
                 "tensor '{name}' has quantization type {type_id}, which phi3 does not support"
             ))
@@ -249,29 +263,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
     Ok(GgufHeader { metadata, tensors })
 }
 
-/// Maps ggml's type ids to the types candle can compute with.
-pub fn dtype_from_id(id: u32) -> Option<GgmlDType> {
-    Some(match id {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
-}
-
-fn tensor_size(name: &str, dims: &[u64], dtype: GgmlDType) -> Result<u64> {
+fn tensor_size(name: &str, dims: &[u64], dtype: TensorType) -> Result<u64> {
     let block = dtype.block_size() as u64;
     if dims.contains(&0) {
         return Err(Error::invalid_gguf(format!(

@@ -3,10 +3,7 @@
 //! and offset open to being set to a lie, so that the tests can build each kind of hostile file
 //! the reader must refuse, and valid ones derived from the fixtures.
 
-use candle_core::quantized::GgmlDType;
-
-use super::reader::dtype_from_id;
-use super::Value;
+use super::{TensorType, Value};
 
 // GGUF value type ids.
 pub(super) const T_U8: u32 = 0;
@@ -15,11 +12,11 @@ pub(super) const T_STRING: u32 = 8;
 pub(super) const T_ARRAY: u32 = 9;
 pub(super) const T_U64: u32 = 10;
 
-// ggml tensor type ids.
-pub(super) const F32: u32 = 0;
-pub(super) const F16: u32 = 1;
-pub(super) const Q4_0: u32 = 2;
-pub(super) const Q8_0: u32 = 8;
+// The type ids the tests write most (a tensor's type id is a plain u32, free to lie).
+pub(super) const F32: u32 = TensorType::F32.id();
+pub(super) const F16: u32 = TensorType::F16.id();
+pub(super) const Q4_0: u32 = TensorType::Q4_0.id();
+pub(super) const Q8_0: u32 = TensorType::Q8_0.id();
 
 /// One metadata value to write. `Bytes` is a string of arbitrary (possibly invalid UTF-8) bytes;
 /// `Raw` writes any type id followed by any payload.
@@ -282,11 +279,4 @@ impl Gguf {
         }
         out
     }
-}
-
-/// ggml's type id of `dtype`.
-pub(super) fn type_id_of(dtype: GgmlDType) -> u32 {
-    (0..64)
-        .find(|&id| dtype_from_id(id) == Some(dtype))
-        .unwrap()
 }

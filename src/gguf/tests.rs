@@ -11,17 +11,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
-
 use super::names::{self, hparams, tensors as tn, tokenizer as tk};
 use super::reader::{
     parse, GgufFile, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_KV, MAX_METADATA_ITEMS, MAX_STRING_BYTES,
     MAX_TENSORS,
 };
-use super::test_writer::{
-    s, type_id_of, Gguf, F16, F32, Q4_0, Q8_0, T_ARRAY, T_STRING, T_U32, T_U64, T_U8, V,
-};
-use super::Value;
+use super::test_writer::{s, Gguf, F16, F32, Q4_0, Q8_0, T_ARRAY, T_STRING, T_U32, T_U64, T_U8, V};
+use super::{TensorType, Value};
 use crate::error::{Error, Result};
 use crate::model::weights::WeightLoader;
 use crate::model::Phi3Model;
@@ -240,7 +236,7 @@ fn mini_fixture() -> Gguf {
         } else {
             data
         };
-        out = out.tensor(&t.name, &dims, type_id_of(t.dtype), data);
+        out = out.tensor(&t.name, &dims, t.dtype.id(), data);
     }
     out
 }
@@ -311,7 +307,7 @@ fn writer_round_trips_every_value_type() {
     assert_eq!(md.get("i64"), Some(&Value::I64(i64::MIN)));
     assert_eq!(md.get("f64"), Some(&Value::F64(-2.25)));
     assert_eq!(header.tensors.len(), 2);
-    assert_eq!(header.tensors[1].dtype, GgmlDType::Q8_0);
+    assert_eq!(header.tensors[1].dtype, TensorType::Q8_0);
     assert_eq!(header.tensors[1].size_bytes, 34);
     assert_eq!(header.tensors[1].offset % 32, 0);
 }
@@ -331,7 +327,7 @@ fn writer_reproduces_the_fixture_layout() {
         copy = copy.tensor(
             &t.name,
             &dims,
-            type_id_of(t.dtype),
+            t.dtype.id(),
             &bytes[t.offset..t.offset + t.size_bytes],
         );
     }
@@ -697,8 +693,8 @@ fn bad_dimensions_are_rejected() {
     for (dims, type_id, block) in [
         (&[33u64, 2][..], Q4_0, "32"),
         (&[16, 1], Q8_0, "32"),
-        (&[255], type_id_of(GgmlDType::Q4K), "256"),
-        (&[16, 16], type_id_of(GgmlDType::Q6K), "256"),
+        (&[255], TensorType::Q4K.id(), "256"),
+        (&[16, 16], TensorType::Q6K.id(), "256"),
     ] {
         assert_rejected(
             &one(dims, type_id),
@@ -814,7 +810,7 @@ fn truncations_of_the_tiny_fixture_are_rejected() {
     }
     for t in &header.tensors {
         let dims: Vec<u64> = t.dims.iter().map(|&d| d as u64).collect();
-        same = same.tensor_info(&t.name, &dims, type_id_of(t.dtype), 0);
+        same = same.tensor_info(&t.name, &dims, t.dtype.id(), 0);
     }
     let infos_end = same.header().len();
     assert_eq!(infos_end.next_multiple_of(32), data_start);

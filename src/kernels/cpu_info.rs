@@ -98,22 +98,9 @@ pub fn cpu_info() -> &'static CpuInfo {
     })
 }
 
-/// The features each level's kernels need: what [`hardware_level`] checks, spelled out so that
-/// the reason can name what is missing (a test keeps the two in step).
-fn needs(level: CpuLevel) -> &'static [&'static str] {
-    match level {
-        CpuLevel::Scalar => &[],
-        CpuLevel::Avx2 => &["avx2", "fma", "f16c"],
-        CpuLevel::Avx512Vnni => &[
-            "avx2",
-            "fma",
-            "f16c",
-            "avx512f",
-            "avx512bw",
-            "avx512vl",
-            "avx512vnni",
-        ],
-    }
+/// The features of [`seen`] that the CPU has, with the OS enabling them.
+pub(super) fn detected_features() -> Vec<&'static str> {
+    seen().into_iter().filter(|f| f.2).map(|f| f.0).collect()
 }
 
 /// `(name, compiled into the baseline, detected at run time)` for every feature phi3 looks at:
@@ -254,7 +241,12 @@ fn reason(
     let why_hardware = match CpuLevel::ALL.into_iter().find(|&l| l > hardware) {
         None => format!("{hardware} is the best phi3 has, and this CPU has it"),
         Some(next) if cfg!(target_arch = "x86_64") => {
-            let missing: Vec<&str> = needs(next).iter().copied().filter(|f| !has(f)).collect();
+            let missing: Vec<&str> = next
+                .features()
+                .iter()
+                .copied()
+                .filter(|f| !has(f))
+                .collect();
             format!(
                 "{hardware} is the best this CPU has ({next} needs {}, which it lacks)",
                 missing.join(", ")
@@ -291,23 +283,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn needs_agrees_with_hardware_level() {
+    fn the_information_agrees_with_the_levels() {
         let info = cpu_info();
         let has = |f: &str| info.features.iter().any(|s| s.0 == f && s.1);
-        let best = CpuLevel::ALL
-            .into_iter()
-            .filter(|&l| needs(l).iter().all(|f| has(f)))
-            .max();
-        assert_eq!(best, Some(hardware_level()));
+        let looked_at = |f: &str| info.features.iter().any(|s| s.0 == f);
+        // `hardware_level` can only find features this module looks at.
+        if cfg!(target_arch = "x86_64") {
+            for l in CpuLevel::ALL {
+                assert!(l.features().iter().all(|f| looked_at(f)), "{l}");
+            }
+            assert!(info.baseline.starts_with("x86-64"));
+        }
+        assert!(hardware_level().features().iter().all(|f| has(f)));
         assert_eq!(info.hardware_level, hardware_level());
         assert_eq!(info.level, level());
         assert_eq!(info.available_levels().last(), Some(&hardware_level()));
         // Every feature the build was compiled for is one the CPU has: else it would not run.
         for f in &info.baseline_features {
             assert!(has(f), "{f}");
-        }
-        if cfg!(target_arch = "x86_64") {
-            assert!(info.baseline.starts_with("x86-64"));
         }
     }
 

@@ -1,6 +1,6 @@
 use std::borrow::Cow;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 use half::f16;
 use rand::rngs::StdRng;
@@ -8,21 +8,22 @@ use rand::{Rng, SeedableRng};
 
 #[cfg(target_arch = "x86_64")]
 use super::blocks::{quantize_q8_0, quantize_q8k, QK8_0, QK_K};
-use super::gemm::gemm_at;
 use super::tests::{
-    assert_close_to_reference, levels, quantized, randn, random_blocks, Aligned, K_TYPES,
-    SMALL_TYPES,
+    assert_close_to_reference, gemm_at, gemv_at, levels, quantized, randn, random_blocks, Aligned,
+    K_TYPES, SMALL_TYPES,
 };
 use super::*;
 use crate::error::Error;
+use crate::gguf::TensorType;
+use crate::model::linear::candle_type;
 
-fn all_types() -> impl Iterator<Item = GgmlDType> {
+fn all_types() -> impl Iterator<Item = TensorType> {
     K_TYPES.into_iter().chain(SMALL_TYPES)
 }
 
 fn gemm_vec(
     level: CpuLevel,
-    dtype: GgmlDType,
+    dtype: TensorType,
     w: &[u8],
     rows: usize,
     x: &[f32],
@@ -36,7 +37,7 @@ fn gemm_vec(
 /// gemv on each row of `x` in turn.
 fn gemv_rows(
     level: CpuLevel,
-    dtype: GgmlDType,
+    dtype: TensorType,
     w: &[u8],
     rows: usize,
     x: &[f32],
@@ -51,10 +52,10 @@ fn gemv_rows(
 }
 
 /// Whether gemm runs gemv's own kernels at `level`, and so must agree bit for bit.
-fn same_kernels(level: CpuLevel, dtype: GgmlDType, n: usize) -> bool {
+fn same_kernels(level: CpuLevel, dtype: TensorType, n: usize) -> bool {
     level == CpuLevel::Scalar
-        || matches!(dtype, GgmlDType::F16 | GgmlDType::F32)
-        || n < super::gemm::packed_min_rows(level, dtype)
+        || matches!(dtype, TensorType::F16 | TensorType::F32)
+        || n < find(level, dtype).unwrap().packed_min_rows
 }
 
 fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
@@ -68,7 +69,7 @@ fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
 
 /// gemm against gemv row by row at every level: bit for bit where gemm runs gemv's kernels,
 /// else within float summation order.
-fn check(dtype: GgmlDType, w: &[u8], rows: usize, x: &[f32], n: usize) {
+fn check(dtype: TensorType, w: &[u8], rows: usize, x: &[f32], n: usize) {
     for level in levels() {
         let want = gemv_rows(level, dtype, w, rows, x, n);
         let got = gemm_vec(level, dtype, w, rows, x, n);
@@ -83,10 +84,10 @@ fn check(dtype: GgmlDType, w: &[u8], rows: usize, x: &[f32], n: usize) {
     }
 }
 
-fn cols_for(dtype: GgmlDType) -> &'static [usize] {
+fn cols_for(dtype: TensorType) -> &'static [usize] {
     match dtype {
-        GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => &[256, 3072 + 256],
-        GgmlDType::Q8_0 | GgmlDType::Q4_0 => &[32, 96, 256, 3072 + 256],
+        TensorType::Q4K | TensorType::Q5K | TensorType::Q6K => &[256, 3072 + 256],
+        TensorType::Q8_0 | TensorType::Q4_0 => &[32, 96, 256, 3072 + 256],
         _ => &[7, 100, 256, 3072 + 256],
     }
 }
@@ -132,7 +133,7 @@ fn gemm_matches_gemv_on_random_bits() {
 }
 
 /// Random quant bits with every `d` and `dmin` 1.
-fn unit_scale_blocks(rng: &mut StdRng, dtype: GgmlDType, blocks: usize) -> Aligned {
+fn unit_scale_blocks(rng: &mut StdRng, dtype: TensorType, blocks: usize) -> Aligned {
     let bytes = (0..blocks * dtype.type_size())
         .map(|_| rng.random())
         .collect();
@@ -140,10 +141,10 @@ fn unit_scale_blocks(rng: &mut StdRng, dtype: GgmlDType, blocks: usize) -> Align
 }
 
 /// `bytes`, blocks of `dtype`, with every `d` and `dmin` set to 1.
-fn with_unit_scales(dtype: GgmlDType, mut bytes: Vec<u8>) -> Aligned {
+fn with_unit_scales(dtype: TensorType, mut bytes: Vec<u8>) -> Aligned {
     let at: &[usize] = match dtype {
-        GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
-        GgmlDType::Q6K => &[208],
+        TensorType::Q4K | TensorType::Q5K => &[0, 2],
+        TensorType::Q6K => &[208],
         _ => &[0],
     };
     for blk in bytes.chunks_exact_mut(dtype.type_size()) {
@@ -161,7 +162,11 @@ fn gemm_extreme_values_do_not_overflow() {
     // `vpmaddubsw` added before widening) at their bound.
     let (rows, cols, n) = (5, 512, 17);
     for dtype in all_types().filter(|t| t.block_size() > 1) {
-        let fill = if dtype == GgmlDType::Q8_0 { 0x80 } else { 0xFF };
+        let fill = if dtype == TensorType::Q8_0 {
+            0x80
+        } else {
+            0xFF
+        };
         let blocks = rows * cols / dtype.block_size();
         let w = with_unit_scales(dtype, vec![fill; blocks * dtype.type_size()]);
         let x: Vec<f32> = (0..n * cols)
@@ -281,7 +286,7 @@ fn gemm_fixture_tensors() {
     let mut rng = StdRng::seed_from_u64(15);
     let mut seen = std::collections::HashSet::new();
     for info in file.tensors() {
-        if info.dims.len() != 2 || !SUPPORTED.contains(&info.dtype) || info.dims[1] > 4096 {
+        if info.dims.len() != 2 || !types().any(|t| t == info.dtype) || info.dims[1] > 4096 {
             continue;
         }
         let (cols, rows) = (info.dims[0], info.dims[1]);
@@ -291,7 +296,7 @@ fn gemm_fixture_tensors() {
         seen.insert(info.dtype);
     }
     assert!(
-        seen.contains(&GgmlDType::Q4K) && seen.contains(&GgmlDType::Q6K),
+        seen.contains(&TensorType::Q4K) && seen.contains(&TensorType::Q6K),
         "{seen:?}"
     );
 }
@@ -299,7 +304,7 @@ fn gemm_fixture_tensors() {
 #[test]
 fn gemm_argument_errors() {
     let mut rng = StdRng::seed_from_u64(16);
-    let (w, _) = quantized(&mut rng, GgmlDType::Q4K, 4, 256);
+    let (w, _) = quantized(&mut rng, TensorType::Q4K, 4, 256);
     let w = w.bytes();
     let x = vec![0.5f32; 3 * 256];
     let mut out = vec![0f32; 3 * 4];
@@ -307,7 +312,7 @@ fn gemm_argument_errors() {
         Err(Error::InvalidArgument(m)) => assert!(m.starts_with(start), "{m}"),
         other => panic!("expected InvalidArgument({start}...), got {other:?}"),
     };
-    let q4k = GgmlDType::Q4K;
+    let q4k = TensorType::Q4K;
     for level in levels() {
         assert!(gemm_at(level, q4k, w, 4, 256, &x, 3, &mut out).is_ok());
         inv(gemm_at(level, q4k, w, 4, 256, &x[..767], 3, &mut out), "x");
@@ -350,7 +355,7 @@ fn gemm_argument_errors() {
             "out",
         );
         // Unsupported types.
-        for dtype in [GgmlDType::Q8K, GgmlDType::Q2K, GgmlDType::BF16] {
+        for dtype in [TensorType::Q8K, TensorType::Q2K, TensorType::BF16] {
             assert!(matches!(
                 gemm_at(level, dtype, w, 4, 256, &x, 3, &mut out),
                 Err(Error::UnsupportedModel(_))
@@ -370,7 +375,7 @@ fn gemm_argument_errors() {
         );
     }
     // gemm at the detected level works.
-    gemm(q4k, w, 4, 256, &x, 3, &mut out).unwrap();
+    gemm_at(level(), q4k, w, 4, 256, &x, 3, &mut out).unwrap();
 }
 
 /// Prefill speed on Phi-3-mini's matrices: for n = 512 activation rows (or `GEMM_TIMING_N`) on 2 threads, per level,
@@ -389,19 +394,19 @@ fn gemm_timing() {
     let only = std::env::var("GEMM_TIMING_TYPE")
         .ok()
         .map(|t| match t.as_str() {
-            "q4_0" => GgmlDType::Q4_0,
-            "q8_0" => GgmlDType::Q8_0,
-            "q4_k" => GgmlDType::Q4K,
-            "q5_k" => GgmlDType::Q5K,
-            "q6_k" => GgmlDType::Q6K,
+            "q4_0" => TensorType::Q4_0,
+            "q8_0" => TensorType::Q8_0,
+            "q4_k" => TensorType::Q4K,
+            "q5_k" => TensorType::Q5K,
+            "q6_k" => TensorType::Q6K,
             other => panic!("GEMM_TIMING_TYPE: {other:?} is not q4_0, q8_0, q4_k, q5_k or q6_k"),
         });
     let layers = 32.0;
     let mats = [
-        ("qkv", GgmlDType::Q4K, 9216, 3072),
-        ("attn_output", GgmlDType::Q4K, 3072, 3072),
-        ("ffn_up", GgmlDType::Q4K, 16384, 3072),
-        ("ffn_down", GgmlDType::Q6K, 3072, 8192),
+        ("qkv", TensorType::Q4K, 9216, 3072),
+        ("attn_output", TensorType::Q4K, 3072, 3072),
+        ("ffn_up", TensorType::Q4K, 16384, 3072),
+        ("ffn_down", TensorType::Q6K, 3072, 8192),
     ]
     .map(|(name, dtype, rows, cols)| (name, only.unwrap_or(dtype), rows, cols));
     let mut rng = StdRng::seed_from_u64(17);
@@ -461,7 +466,9 @@ fn gemm_timing() {
     let mut sum = 0.0;
     for ((name, dtype, rows, cols), (w, x)) in mats.iter().zip(&data) {
         let (rows, cols) = (*rows, *cols);
-        let storage = QStorage::from_data(Cow::Borrowed(w.bytes()), &Device::Cpu, *dtype).unwrap();
+        let storage =
+            QStorage::from_data(Cow::Borrowed(w.bytes()), &Device::Cpu, candle_type(*dtype))
+                .unwrap();
         let mm = QMatMul::from_qtensor(QTensor::new(storage, (rows, cols)).unwrap()).unwrap();
         let x = Tensor::from_slice(x, (n, cols), &Device::Cpu).unwrap();
         let t = best(3, &mut || {

@@ -1,4 +1,4 @@
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use half::f16;
 use rand::rngs::StdRng;
@@ -6,14 +6,44 @@ use rand::{Rng, SeedableRng};
 
 use super::blocks::*;
 use super::*;
-use crate::error::Error;
+use crate::error::{Error, Result};
+use crate::gguf::TensorType;
+use crate::model::linear::candle_type;
 
-pub(super) const K_TYPES: [GgmlDType; 3] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
-pub(super) const SMALL_TYPES: [GgmlDType; 4] = [
-    GgmlDType::Q8_0,
-    GgmlDType::Q4_0,
-    GgmlDType::F16,
-    GgmlDType::F32,
+/// [`Kernels::gemv`] of the entry for `tensor_type` at `level`.
+pub(super) fn gemv_at(
+    level: CpuLevel,
+    tensor_type: TensorType,
+    weights: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    find(level, tensor_type)?.gemv(weights, rows, cols, x, out)
+}
+
+/// [`Kernels::gemm`] of the entry for `tensor_type` at `level`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_at(
+    level: CpuLevel,
+    tensor_type: TensorType,
+    weights: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    find(level, tensor_type)?.gemm(weights, rows, cols, x, n, out)
+}
+
+pub(super) const K_TYPES: [TensorType; 3] = [TensorType::Q4K, TensorType::Q5K, TensorType::Q6K];
+pub(super) const SMALL_TYPES: [TensorType; 4] = [
+    TensorType::Q8_0,
+    TensorType::Q4_0,
+    TensorType::F16,
+    TensorType::F32,
 ];
 
 pub(super) fn levels() -> Vec<CpuLevel> {
@@ -52,24 +82,24 @@ impl Aligned {
 /// The weights of a random (rows, cols) matrix in `dtype`, and their dequantized values.
 pub(super) fn quantized(
     rng: &mut StdRng,
-    dtype: GgmlDType,
+    dtype: TensorType,
     rows: usize,
     cols: usize,
 ) -> (Aligned, Vec<f32>) {
     let w = randn(rng, rows * cols);
     match dtype {
-        GgmlDType::F32 => {
+        TensorType::F32 => {
             let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
             (Aligned::new(&bytes), w)
         }
-        GgmlDType::F16 => {
+        TensorType::F16 => {
             let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let bytes: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
             (Aligned::new(&bytes), h.iter().map(|v| v.to_f32()).collect())
         }
         _ => {
             let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&t, dtype).unwrap();
+            let q = QTensor::quantize(&t, candle_type(dtype)).unwrap();
             let bytes = q.data().unwrap();
             let deq = q
                 .dequantize(&Device::Cpu)
@@ -85,7 +115,7 @@ pub(super) fn quantized(
 
 /// Random bytes for `n` blocks of `dtype` with every scale field set to a modest finite f16:
 /// all quant bit patterns occur, including the extremes.
-pub(super) fn random_blocks(rng: &mut StdRng, dtype: GgmlDType, n: usize) -> Aligned {
+pub(super) fn random_blocks(rng: &mut StdRng, dtype: TensorType, n: usize) -> Aligned {
     let size = dtype.type_size();
     let mut bytes: Vec<u8> = (0..n * size).map(|_| rng.random()).collect();
     let put = |rng: &mut StdRng, b: &mut [u8], at: usize| {
@@ -94,14 +124,14 @@ pub(super) fn random_blocks(rng: &mut StdRng, dtype: GgmlDType, n: usize) -> Ali
     };
     for blk in bytes.chunks_exact_mut(size) {
         match dtype {
-            GgmlDType::Q4K | GgmlDType::Q5K => {
+            TensorType::Q4K | TensorType::Q5K => {
                 put(rng, blk, 0);
                 put(rng, blk, 2);
             }
-            GgmlDType::Q6K => put(rng, blk, 208),
-            GgmlDType::Q8_0 | GgmlDType::Q4_0 => put(rng, blk, 0),
-            GgmlDType::F16 => put(rng, blk, 0),
-            GgmlDType::F32 => {
+            TensorType::Q6K => put(rng, blk, 208),
+            TensorType::Q8_0 | TensorType::Q4_0 => put(rng, blk, 0),
+            TensorType::F16 => put(rng, blk, 0),
+            TensorType::F32 => {
                 let v = rng.random::<f32>() - 0.5;
                 blk.copy_from_slice(&v.to_le_bytes());
             }
@@ -111,7 +141,7 @@ pub(super) fn random_blocks(rng: &mut StdRng, dtype: GgmlDType, n: usize) -> Ali
     Aligned::new(&bytes)
 }
 
-fn gemv_vec(level: CpuLevel, dtype: GgmlDType, w: &[u8], rows: usize, x: &[f32]) -> Vec<f32> {
+fn gemv_vec(level: CpuLevel, dtype: TensorType, w: &[u8], rows: usize, x: &[f32]) -> Vec<f32> {
     let mut out = vec![f32::NAN; rows];
     gemv_at(level, dtype, w, rows, x.len(), x, &mut out).unwrap();
     out
@@ -130,7 +160,7 @@ pub(super) fn assert_close_to_reference(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-fn check_all_levels(dtype: GgmlDType, w: &[u8], rows: usize, x: &[f32]) -> Vec<f32> {
+fn check_all_levels(dtype: TensorType, w: &[u8], rows: usize, x: &[f32]) -> Vec<f32> {
     let want = gemv_vec(CpuLevel::Scalar, dtype, w, rows, x);
     for level in levels() {
         let got = gemv_vec(level, dtype, w, rows, x);
@@ -173,15 +203,15 @@ fn assert_within_budget(what: &str, got: &[f32], deq: &[f32], x: &[f32], block: 
     }
 }
 
-fn activation_block(dtype: GgmlDType) -> usize {
+fn activation_block(dtype: TensorType) -> usize {
     match dtype {
-        GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => QK_K,
-        GgmlDType::Q8_0 | GgmlDType::Q4_0 => QK8_0,
+        TensorType::Q4K | TensorType::Q5K | TensorType::Q6K => QK_K,
+        TensorType::Q8_0 | TensorType::Q4_0 => QK8_0,
         _ => 1, // F16/F32: x is used as is, no quantization step
     }
 }
 
-fn shapes(dtype: GgmlDType) -> Vec<(usize, usize)> {
+fn shapes(dtype: TensorType) -> Vec<(usize, usize)> {
     let cols: &[usize] = if K_TYPES.contains(&dtype) {
         &[256, 512, 3072]
     } else {
@@ -257,7 +287,7 @@ fn simd_matches_reference_on_random_bits() {
 fn odd_lengths_for_plain_types() {
     // F16/F32 have no blocks: any column count, including ones no vector width divides.
     let mut rng = StdRng::seed_from_u64(3);
-    for dtype in [GgmlDType::F16, GgmlDType::F32] {
+    for dtype in [TensorType::F16, TensorType::F32] {
         for cols in [1usize, 7, 15, 17, 31, 33, 63, 65, 100] {
             let (w, deq) = quantized(&mut rng, dtype, 9, cols);
             let x = randn(&mut rng, cols);
@@ -325,7 +355,7 @@ fn scale_unpacking_agrees() {
 #[test]
 fn argument_errors() {
     let mut rng = StdRng::seed_from_u64(7);
-    let (w, _) = quantized(&mut rng, GgmlDType::Q4K, 4, 256);
+    let (w, _) = quantized(&mut rng, TensorType::Q4K, 4, 256);
     let w = w.bytes();
     let x = vec![0.5f32; 256];
     let mut out = vec![0f32; 4];
@@ -333,7 +363,7 @@ fn argument_errors() {
         Err(Error::InvalidArgument(m)) => assert!(m.starts_with(start), "{m}"),
         other => panic!("expected InvalidArgument({start}...), got {other:?}"),
     };
-    let q4k = GgmlDType::Q4K;
+    let q4k = TensorType::Q4K;
     for level in levels() {
         assert!(gemv_at(level, q4k, w, 4, 256, &x, &mut out).is_ok());
         inv(gemv_at(level, q4k, w, 4, 256, &x[..255], &mut out), "x");
@@ -366,10 +396,10 @@ fn argument_errors() {
         );
         // Unsupported types.
         for dtype in [
-            GgmlDType::Q8K,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::BF16,
+            TensorType::Q8K,
+            TensorType::Q2K,
+            TensorType::Q3K,
+            TensorType::BF16,
         ] {
             assert!(matches!(
                 gemv_at(level, dtype, w, 4, 256, &x, &mut out),
@@ -389,7 +419,7 @@ fn argument_errors() {
         );
     }
     // gemv at the detected level works.
-    gemv(q4k, w, 4, 256, &x, &mut out).unwrap();
+    gemv_at(level(), q4k, w, 4, 256, &x, &mut out).unwrap();
 }
 
 #[test]
@@ -399,7 +429,7 @@ fn fixture_tensors() {
     let mut rng = StdRng::seed_from_u64(8);
     let mut seen = std::collections::HashSet::new();
     for info in file.tensors() {
-        if info.dims.len() != 2 || !SUPPORTED.contains(&info.dtype) {
+        if info.dims.len() != 2 || !types().any(|t| t == info.dtype) {
             continue;
         }
         let (cols, rows) = (info.dims[0], info.dims[1]);
@@ -411,7 +441,7 @@ fn fixture_tensors() {
             candle_core::quantized::QStorage::from_data(
                 std::borrow::Cow::Borrowed(data),
                 &Device::Cpu,
-                info.dtype,
+                candle_type(info.dtype),
             )
             .unwrap(),
             (rows, cols),
@@ -428,7 +458,7 @@ fn fixture_tensors() {
         seen.insert(info.dtype);
     }
     assert!(
-        seen.contains(&GgmlDType::Q4K) && seen.contains(&GgmlDType::Q6K),
+        seen.contains(&TensorType::Q4K) && seen.contains(&TensorType::Q6K),
         "{seen:?}"
     );
 }

@@ -1,5 +1,6 @@
-//! How a matrix product's output is shared out: tiles of weight rows, one rayon task each, and
-//! the output they write through. A leaf module: `gemm` and the x86 kernels both use it.
+//! How a matrix product's work is shared out: chunks of output rows (gemv) or tiles of weight
+//! rows (gemm), one rayon task each, and the output the tiles write through. A leaf module: the
+//! kernel table's drivers and the x86 kernels both use it.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -9,6 +10,9 @@ use rayon::prelude::*;
 /// Weight rows per rayon task for the gemv-based kernels: 32 rows of a 3072-column Q4_K matrix
 /// are 54 KiB, well inside L2 next to the activations streaming through.
 pub const TILE_ROWS: usize = 32;
+
+/// Output rows per rayon task for gemv.
+pub const ROWS_PER_TASK: usize = 32;
 
 /// Activation rows the gemv-based kernels take per weight block.
 pub const GROUP: usize = 4;
@@ -90,4 +94,79 @@ impl Tile<'_> {
             std::ptr::copy_nonoverlapping(values.as_ptr(), at, values.len());
         }
     }
+}
+
+/// Runs `dot(row, y)` for every row of `w` (`per_row` elements each) into `out`, in parallel.
+pub(crate) fn rows_par<B: Sync, Y: Sync>(
+    w: &[B],
+    per_row: usize,
+    y: &[Y],
+    out: &mut [f32],
+    dot: impl Fn(&[B], &[Y]) -> f32 + Sync + Send,
+) {
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let first = c * ROWS_PER_TASK;
+            for (i, o) in chunk.iter_mut().enumerate() {
+                let r = first + i;
+                *o = dot(&w[r * per_row..(r + 1) * per_row], y);
+            }
+        });
+}
+
+/// `dot(row r of w, [rows i..i + GROUP of y])` for every weight row and group of activation
+/// rows, tile by tile in parallel. `w` has `per_row` elements per row, `y` as many per row (the
+/// activations' blocks or values), `n` rows; `dot` fills one output per activation row given.
+pub(crate) fn groups_par<B: Sync, Y: Sync>(
+    w: &[B],
+    per_row: usize,
+    y: &[Y],
+    n: usize,
+    out: &SharedOut,
+    dot: impl Fn(&[B], &[&[Y]], &mut [f32]) + Sync,
+) {
+    prepared_groups_par(w, per_row, y, n, out, <[&[Y]]>::to_vec, |w, ys, o| {
+        dot(w, ys, o)
+    });
+}
+
+/// [`groups_par`] with each group of activation rows made once by `prepare` (for the AVX-512
+/// K-quant kernels, `x86::avx512_rows::Q8KRows`), not once per weight row.
+pub(crate) fn prepared_groups_par<'y, B: Sync, Y: Sync, G: Sync>(
+    w: &[B],
+    per_row: usize,
+    y: &'y [Y],
+    n: usize,
+    out: &SharedOut,
+    prepare: impl Fn(&[&'y [Y]]) -> G,
+    dot: impl Fn(&[B], &G, &mut [f32]) + Sync,
+) {
+    let groups: Vec<G> = (0..n)
+        .step_by(GROUP)
+        .map(|i0| {
+            let rows: Vec<_> = (i0..n.min(i0 + GROUP))
+                .map(|i| &y[i * per_row..(i + 1) * per_row])
+                .collect();
+            prepare(&rows)
+        })
+        .collect();
+    tiles_par(
+        out,
+        TILE_ROWS,
+        || (),
+        |(), tile| {
+            let mut res = [0f32; GROUP];
+            for (g, group) in groups.iter().enumerate() {
+                let i0 = g * GROUP;
+                let m = GROUP.min(n - i0);
+                for r in tile.rows() {
+                    dot(&w[r * per_row..(r + 1) * per_row], group, &mut res[..m]);
+                    for (k, &v) in res[..m].iter().enumerate() {
+                        tile.set(i0 + k, r, v);
+                    }
+                }
+            }
+        },
+    );
 }

@@ -6,14 +6,15 @@
 //! quantized storage and multiplied by candle.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::error::{Error, Result};
-use crate::gguf::{GgufFile, TensorInfo};
-use crate::kernels;
+use crate::gguf::{GgufFile, TensorInfo, TensorType};
+use crate::kernels::{self, Kernels};
 
 /// Off x86_64 our kernels are only the scalar reference, and candle's NEON ones are faster.
 const OWN_KERNELS: bool = cfg!(target_arch = "x86_64");
@@ -27,7 +28,8 @@ pub struct Linear {
 enum Storage {
     Mapped {
         file: Arc<GgufFile>,
-        tensor: TensorInfo,
+        data: Range<usize>,
+        kernels: &'static Kernels,
     },
     Candle {
         tensor: Arc<QTensor>,
@@ -43,8 +45,11 @@ impl Linear {
         rows: usize,
         cols: usize,
     ) -> Result<Self> {
-        let storage = if OWN_KERNELS && kernels::SUPPORTED.contains(&tensor.dtype) {
-            let align = if tensor.dtype == GgmlDType::F32 { 4 } else { 2 };
+        let own = OWN_KERNELS
+            .then(|| kernels::find(kernels::level(), tensor.dtype).ok())
+            .flatten();
+        let storage = if let Some(kernels) = own {
+            let align = kernels.align;
             if !(file.tensor_data(tensor).as_ptr() as usize).is_multiple_of(align) {
                 return Err(Error::unsupported(format!(
                     "tensor '{}' starts at offset {}, not aligned to {align} bytes",
@@ -53,13 +58,14 @@ impl Linear {
             }
             Storage::Mapped {
                 file: file.clone(),
-                tensor: tensor.clone(),
+                data: tensor.data(),
+                kernels,
             }
         } else {
             let data = QStorage::from_data(
                 Cow::Borrowed(file.tensor_data(tensor)),
                 &Device::Cpu,
-                tensor.dtype,
+                candle_type(tensor.dtype),
             )?;
             let tensor = Arc::new(QTensor::new(data, (rows, cols))?);
             Storage::Candle {
@@ -77,10 +83,13 @@ impl Linear {
     /// `out = x Wᵀ`: `x` is `n` rows of `cols` values, `out` `n` rows of `rows` values.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
         match &self.storage {
-            Storage::Mapped { file, tensor } => {
-                let weights = file.tensor_data(tensor);
-                let (rows, cols, dtype) = (self.rows, self.cols, tensor.dtype);
-                kernels::gemm(dtype, weights, rows, cols, x, n, out)
+            Storage::Mapped {
+                file,
+                data,
+                kernels,
+            } => {
+                let weights = file.bytes(data.clone());
+                kernels.gemm(weights, self.rows, self.cols, x, n, out)
             }
             Storage::Candle { matmul, .. } => {
                 let x = Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?;
@@ -102,16 +111,60 @@ impl Linear {
             )));
         }
         match &self.storage {
-            Storage::Mapped { file, tensor } => {
-                let row_bytes = tensor.size_bytes / self.rows;
-                let bytes = &file.tensor_data(tensor)[row * row_bytes..][..row_bytes];
-                kernels::dequantize::dequantize_row(tensor.dtype, bytes, out)
+            Storage::Mapped {
+                file,
+                data,
+                kernels,
+            } => {
+                let row_bytes = data.len() / self.rows;
+                let bytes = &file.bytes(data.clone())[row * row_bytes..][..row_bytes];
+                kernels.dequantize_row(bytes, out)
             }
             Storage::Candle { tensor, .. } => {
                 let id = Tensor::new(&[row as u32], &Device::Cpu)?;
                 out.copy_from_slice(&tensor.embedding(&id)?.flatten_all()?.to_vec1::<f32>()?);
                 Ok(())
             }
+        }
+    }
+}
+
+/// Candle's name for a GGUF tensor type: where a matrix is left to candle.
+pub(crate) fn candle_type(t: TensorType) -> GgmlDType {
+    match t {
+        TensorType::F32 => GgmlDType::F32,
+        TensorType::F16 => GgmlDType::F16,
+        TensorType::BF16 => GgmlDType::BF16,
+        TensorType::Q4_0 => GgmlDType::Q4_0,
+        TensorType::Q4_1 => GgmlDType::Q4_1,
+        TensorType::Q5_0 => GgmlDType::Q5_0,
+        TensorType::Q5_1 => GgmlDType::Q5_1,
+        TensorType::Q8_0 => GgmlDType::Q8_0,
+        TensorType::Q8_1 => GgmlDType::Q8_1,
+        TensorType::Q2K => GgmlDType::Q2K,
+        TensorType::Q3K => GgmlDType::Q3K,
+        TensorType::Q4K => GgmlDType::Q4K,
+        TensorType::Q5K => GgmlDType::Q5K,
+        TensorType::Q6K => GgmlDType::Q6K,
+        TensorType::Q8K => GgmlDType::Q8K,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reader's sizes are the ones candle computes with, type by type.
+    #[test]
+    fn tensor_types_have_candles_block_sizes() {
+        for t in TensorType::ALL {
+            let c = candle_type(t);
+            assert_eq!(
+                (t.block_size(), t.type_size()),
+                (c.block_size(), c.type_size()),
+                "{t}"
+            );
+            assert_eq!(format!("{t:?}"), format!("{c:?}"));
         }
     }
 }

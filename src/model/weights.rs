@@ -3,11 +3,9 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
-
 use super::linear::Linear;
 use crate::error::{Error, Result};
-use crate::gguf::{GgufFile, TensorInfo};
+use crate::gguf::{GgufFile, TensorInfo, TensorType};
 
 pub struct WeightLoader<'a> {
     file: &'a Arc<GgufFile>,
@@ -48,15 +46,15 @@ impl<'a> WeightLoader<'a> {
         let info = self.info(name, &[len])?;
         let bytes = self.file.tensor_data(info);
         let values: Vec<f32> = match info.dtype {
-            GgmlDType::F32 => bytes
+            TensorType::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
-            GgmlDType::F16 => bytes
+            TensorType::F16 => bytes
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            GgmlDType::BF16 => bytes
+            TensorType::BF16 => bytes
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),

@@ -1,4 +1,4 @@
-//! AVX2 + FMA kernels for [`gemm`](crate::kernels::gemm()) on the quantized types over many
+//! AVX2 + FMA kernels for [`Kernels::gemm`](crate::kernels::Kernels::gemm) on the quantized types over many
 //! activation rows (prefill), on [`panel`]s of 8 scale groups.
 //!
 //! AVX2 has no `vpdpbusd`: `vpmaddubsw` multiplies unsigned weight bytes by signed activation

@@ -1,4 +1,4 @@
-//! AVX2 + FMA kernels for [`gemm`](crate::kernels::gemm()): gemv's AVX2 kernels (`avx2.rs`) with
+//! AVX2 + FMA kernels for [`Kernels::gemm`](crate::kernels::Kernels::gemm): gemv's AVX2 kernels (`avx2.rs`) with
 //! the weight block unpacked once and used for up to [`GROUP`](crate::kernels::tiling::GROUP) activation rows. Each row's integer
 //! and float operations are exactly gemv's, in the same order, so every output is bit for bit
 //! gemv's.

@@ -1,4 +1,4 @@
-//! AVX-512 VNNI kernels for [`gemm`](crate::kernels::gemm()) on the quantized types, over
+//! AVX-512 VNNI kernels for [`Kernels::gemm`](crate::kernels::Kernels::gemm) on the quantized types, over
 //! [`panel`]s of 16 scale groups.
 //!
 //! One `vpdpbusd` advances all 16 groups' integer dot products of a pair of panels by 4 values:

@@ -15,7 +15,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx512::{self, load512, q4k_block, q5k_block, q6k_block, scaled_sum, K4Block};
+use super::avx512::{load512, q4k_block, q5k_block, q6k_block, scaled_sum, K4Block};
 use super::{prefetch_ahead, rows};
 use crate::kernels::blocks::*;
 use crate::kernels::tiling::GROUP;
@@ -215,17 +215,3 @@ fn q6k<const R: usize>(w: &[BlockQ6K], y: &Q8KRows, out: &mut [f32]) {
     }
     store::<R>(acc, out);
 }
-
-/// gemv's kernel once per activation row: for the types without a kernel above.
-macro_rules! per_row {
-    ($name:ident, $block:ty, $act:ty, $dot:ident) => {
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        pub fn $name(w: &[$block], ys: &[&[$act]], out: &mut [f32]) {
-            for (o, y) in out.iter_mut().zip(ys) {
-                *o = avx512::$dot(w, y);
-            }
-        }
-    };
-}
-per_row!(dot_q8_0_rows, BlockQ8_0, BlockQ8_0, dot_q8_0);
-per_row!(dot_q4_0_rows, BlockQ4_0, BlockQ8_0, dot_q4_0);

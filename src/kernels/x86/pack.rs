@@ -250,9 +250,9 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
+    use crate::gguf::TensorType;
     use crate::kernels::tests::random_blocks;
     use crate::kernels::{hardware_level, CpuLevel};
-    use candle_core::quantized::GgmlDType;
 
     fn same<K: PackWeights<V>, const V: usize, const L: usize>(w: &[K::Block]) {
         let panels = (w.len() * K::GROUPS).div_ceil(L);
@@ -279,7 +279,7 @@ mod tests {
     /// Random blocks of `dtype` packed both ways, into panels of 8 and of 16 lanes.
     fn same_random<K: PackWeights<V>, const V: usize>(
         rng: &mut StdRng,
-        dtype: GgmlDType,
+        dtype: TensorType,
         blocks: usize,
     ) where
         K::Block: Pod,
@@ -297,13 +297,13 @@ mod tests {
         }
         let mut rng = StdRng::seed_from_u64(19);
         for blocks in [1, 2, 3, 12, 13] {
-            same_random::<Q4K, 8>(&mut rng, GgmlDType::Q4K, blocks);
-            same_random::<Q5K, 8>(&mut rng, GgmlDType::Q5K, blocks);
-            same_random::<Q6K, 4>(&mut rng, GgmlDType::Q6K, blocks);
+            same_random::<Q4K, 8>(&mut rng, TensorType::Q4K, blocks);
+            same_random::<Q5K, 8>(&mut rng, TensorType::Q5K, blocks);
+            same_random::<Q6K, 4>(&mut rng, TensorType::Q6K, blocks);
         }
         for blocks in [1, 7, 8, 9, 96, 100] {
-            same_random::<Q8_0, 8>(&mut rng, GgmlDType::Q8_0, blocks);
-            same_random::<Q4_0, 8>(&mut rng, GgmlDType::Q4_0, blocks);
+            same_random::<Q8_0, 8>(&mut rng, TensorType::Q8_0, blocks);
+            same_random::<Q4_0, 8>(&mut rng, TensorType::Q4_0, blocks);
         }
     }
 }
