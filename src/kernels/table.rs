@@ -51,75 +51,30 @@ fn quantized_rows<Y: Send + Clone>(
     Cow::Owned(x.par_chunks(cols).flat_map_iter(quantize).collect())
 }
 
-impl WeightType for BlockQ4K {
-    const TYPE: TensorType = TensorType::Q4K;
-    type Act = BlockQ8K;
-    fn quantize_rows(x: &[f32], cols: usize) -> Cow<'_, [BlockQ8K]> {
-        quantized_rows(x, cols, quantize_q8k)
-    }
-    fn dot(w: &[Self], y: &[BlockQ8K]) -> f32 {
-        reference::dot_q4k(w, y)
-    }
-    fn dequantize(w: &[Self], out: &mut [f32]) {
-        dequantize::each_block(w, out, dequantize::q4k)
-    }
+/// A quantized type: its activations quantized to `$act` by `$quantize`, its reference dot,
+/// its block's dequantization.
+macro_rules! quantized_type {
+    ($block:ty, $type:ident, $act:ty, $quantize:ident, $dot:ident, $dequantize:ident) => {
+        impl WeightType for $block {
+            const TYPE: TensorType = TensorType::$type;
+            type Act = $act;
+            fn quantize_rows(x: &[f32], cols: usize) -> Cow<'_, [$act]> {
+                quantized_rows(x, cols, $quantize)
+            }
+            fn dot(w: &[Self], y: &[$act]) -> f32 {
+                reference::$dot(w, y)
+            }
+            fn dequantize(w: &[Self], out: &mut [f32]) {
+                dequantize::each_block(w, out, dequantize::$dequantize)
+            }
+        }
+    };
 }
-
-impl WeightType for BlockQ5K {
-    const TYPE: TensorType = TensorType::Q5K;
-    type Act = BlockQ8K;
-    fn quantize_rows(x: &[f32], cols: usize) -> Cow<'_, [BlockQ8K]> {
-        quantized_rows(x, cols, quantize_q8k)
-    }
-    fn dot(w: &[Self], y: &[BlockQ8K]) -> f32 {
-        reference::dot_q5k(w, y)
-    }
-    fn dequantize(w: &[Self], out: &mut [f32]) {
-        dequantize::each_block(w, out, dequantize::q5k)
-    }
-}
-
-impl WeightType for BlockQ6K {
-    const TYPE: TensorType = TensorType::Q6K;
-    type Act = BlockQ8K;
-    fn quantize_rows(x: &[f32], cols: usize) -> Cow<'_, [BlockQ8K]> {
-        quantized_rows(x, cols, quantize_q8k)
-    }
-    fn dot(w: &[Self], y: &[BlockQ8K]) -> f32 {
-        reference::dot_q6k(w, y)
-    }
-    fn dequantize(w: &[Self], out: &mut [f32]) {
-        dequantize::each_block(w, out, dequantize::q6k)
-    }
-}
-
-impl WeightType for BlockQ8_0 {
-    const TYPE: TensorType = TensorType::Q8_0;
-    type Act = BlockQ8_0;
-    fn quantize_rows(x: &[f32], cols: usize) -> Cow<'_, [BlockQ8_0]> {
-        quantized_rows(x, cols, quantize_q8_0)
-    }
-    fn dot(w: &[Self], y: &[BlockQ8_0]) -> f32 {
-        reference::dot_q8_0(w, y)
-    }
-    fn dequantize(w: &[Self], out: &mut [f32]) {
-        dequantize::each_block(w, out, dequantize::q8_0)
-    }
-}
-
-impl WeightType for BlockQ4_0 {
-    const TYPE: TensorType = TensorType::Q4_0;
-    type Act = BlockQ8_0;
-    fn quantize_rows(x: &[f32], cols: usize) -> Cow<'_, [BlockQ8_0]> {
-        quantized_rows(x, cols, quantize_q8_0)
-    }
-    fn dot(w: &[Self], y: &[BlockQ8_0]) -> f32 {
-        reference::dot_q4_0(w, y)
-    }
-    fn dequantize(w: &[Self], out: &mut [f32]) {
-        dequantize::each_block(w, out, dequantize::q4_0)
-    }
-}
+quantized_type!(BlockQ4K, Q4K, BlockQ8K, quantize_q8k, dot_q4k, q4k);
+quantized_type!(BlockQ5K, Q5K, BlockQ8K, quantize_q8k, dot_q5k, q5k);
+quantized_type!(BlockQ6K, Q6K, BlockQ8K, quantize_q8k, dot_q6k, q6k);
+quantized_type!(BlockQ8_0, Q8_0, BlockQ8_0, quantize_q8_0, dot_q8_0, q8_0);
+quantized_type!(BlockQ4_0, Q4_0, BlockQ8_0, quantize_q8_0, dot_q4_0, q4_0);
 
 impl WeightType for f16 {
     const TYPE: TensorType = TensorType::F16;
