@@ -14,6 +14,7 @@ use crate::generate::scheduler::DEFAULT_MAX_BATCH;
 use crate::generate::{Generation, GenerationParams, PrefixPool, Scheduler, StreamHandle};
 use crate::gguf::names;
 use crate::gguf::{GgufFile, Value};
+use crate::model::kv_cache::KvType;
 use crate::model::{Phi3Model, Runner};
 use crate::tokenizer::Tokenizer;
 
@@ -33,6 +34,8 @@ pub struct EngineOptions {
     pub cache_bytes: Option<usize>,
     /// Streams that share one forward pass (default [`DEFAULT_MAX_BATCH`]); more wait.
     pub max_batch: Option<usize>,
+    /// How KV caches store keys and values (default f16).
+    pub kv_cache: KvType,
 }
 
 /// What a generation starts from.
@@ -100,7 +103,8 @@ impl Engine {
         // on a thread of its own, measured no faster to the first token. Loaded on the calling
         // thread, so what is copied (norms, RoPE tables, weights of types without a kernel of
         // ours) lives in its malloc arena, which `ReleaseMemoryOnDrop` trims when the model goes.
-        let model = Phi3Model::load(&file, options.context_length)?;
+        let model =
+            Phi3Model::load(&file, options.context_length)?.with_kv_type(options.kv_cache)?;
         if tokenizer.vocab_size() > model.vocab_size() {
             return Err(Error::unsupported(format!(
                 "the tokenizer has {} tokens but '{}' only {} rows",

@@ -156,7 +156,9 @@ class Phi3:
     ``filename`` names the file); the default is Microsoft's Phi-3-mini-4k-instruct q4 file.
     ``cache_bytes`` bounds the pool of finished generations' KV caches that later prompts
     starting the same way reuse (default 1 GiB, 0 turns it off); ``max_batch`` is how many
-    streams share one pass over the weights (default 8; more wait for a place).
+    streams share one pass over the weights (default 8; more wait for a place); ``kv_cache`` is
+    how the KV caches store keys and values: ``"f16"`` (the default) or ``"q8_0"`` (8-bit blocks,
+    53 % of the memory: longer contexts and more cached prefixes in the same RAM).
 
     A ``Phi3`` pickles as its file and options: unpickling re-opens the model (for Ray tasks and
     multiprocessing).
@@ -174,6 +176,7 @@ class Phi3:
         context_length: Optional[int] = None,
         cache_bytes: Optional[int] = None,
         max_batch: Optional[int] = None,
+        kv_cache: Optional[Literal["f16", "q8_0"]] = None,
     ) -> Phi3: ...
     def stream(self, prompt: Prompt, *, raw: bool = False, **options: Unpack[StreamOptions]) -> Stream:
         """Starts generating an answer to ``prompt`` (a string, messages, or token ids); ``raw``
@@ -219,6 +222,9 @@ class Phi3:
     @property
     def max_batch(self) -> int:
         """How many streams share one pass over the weights."""
+    @property
+    def kv_cache(self) -> Literal["f16", "q8_0"]:
+        """How the KV caches store keys and values."""
     @property
     def active_streams(self) -> int:
         """Streams in the running batch now."""

@@ -19,6 +19,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="a tokenizer.json (file or hub repository) to use instead of the GGUF's")
     p.add_argument("--threads", type=int)
     p.add_argument("--context-length", type=int)
+    p.add_argument(
+        "--kv-cache",
+        choices=("f16", "q8_0"),
+        help="how the KV cache stores keys and values (default f16; q8_0 takes 53%% of the memory)",
+    )
 
 
 def _sampling_flags(p: argparse.ArgumentParser, serve: bool) -> None:
@@ -116,6 +121,7 @@ def _load(args: argparse.Namespace, **options: Any) -> Phi3:
         tokenizer=args.tokenizer,
         threads=args.threads,
         context_length=args.context_length,
+        kv_cache=args.kv_cache,
         **options,
     )
 
@@ -182,6 +188,7 @@ def _serve_on_ray(args: argparse.Namespace, api_key: Optional[str], defaults: di
         "revision": args.revision,
         "tokenizer": args.tokenizer,
         "context_length": args.context_length,
+        "kv_cache": args.kv_cache,
         "max_batch": args.max_batch,
         "cache_bytes": args.cache_bytes,
     }

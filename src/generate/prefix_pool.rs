@@ -133,13 +133,14 @@ impl PrefixPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kv_cache::KvShape;
     use crate::model::kv_cache::BLOCK_POSITIONS;
+    use crate::model::kv_cache::{KvShape, KvType};
 
     const SHAPE: KvShape = KvShape {
         layers: 1,
         kv_heads: 1,
         head_dim: 2,
+        kv_type: KvType::F16,
     };
 
     fn cache_of(tokens: &[u32]) -> KvCache {

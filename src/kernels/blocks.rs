@@ -189,19 +189,27 @@ pub fn quantize_q8k(x: &[f32]) -> Vec<BlockQ8K> {
 /// ggml's `quantize_row_q8_0`: per 32 values, d = max|x| / 127 (stored as f16), q = round(x / d).
 pub fn quantize_q8_0(x: &[f32]) -> Vec<BlockQ8_0> {
     debug_assert!(x.len().is_multiple_of(QK8_0));
-    x.chunks_exact(QK8_0)
-        .map(|xs| {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut qs = [0i8; QK8_0];
-            for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
-            }
-            BlockQ8_0 {
-                d: f16::from_f32(d),
-                qs,
-            }
-        })
-        .collect()
+    let mut out = vec![
+        BlockQ8_0 {
+            d: f16::ZERO,
+            qs: [0; QK8_0],
+        };
+        x.len() / QK8_0
+    ];
+    quantize_q8_0_into(x, &mut out);
+    out
+}
+
+/// [`quantize_q8_0`] into `out` (one block per 32 values of `x`).
+pub fn quantize_q8_0_into(x: &[f32], out: &mut [BlockQ8_0]) {
+    debug_assert_eq!(x.len(), out.len() * QK8_0);
+    for (xs, block) in x.chunks_exact(QK8_0).zip(out) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        for (q, &v) in block.qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+        block.d = f16::from_f32(d);
+    }
 }

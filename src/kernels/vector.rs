@@ -1,10 +1,12 @@
-//! Single-vector kernels for attention: over the f16 KV cache for decode (the scores are dot
-//! products of the query with each cached key, the output a weighted sum of the cached values),
+//! Single-vector kernels for attention: over the KV cache (f16, or Q8_0 blocks) for decode (the
+//! scores are dot products of the query with each cached key, the output a weighted sum of the
+//! cached values; the query and the sums stay f32),
 //! chosen per call from [`super::level`] (a relaxed atomic load once initialised); and the
 //! softmax of both decode and prefill attention, in plain Rust the compiler vectorizes.
 
 use half::f16;
 
+use super::blocks::{BlockQ8_0, QK8_0};
 use super::reference;
 #[cfg(target_arch = "x86_64")]
 use super::{level, CpuLevel};
@@ -58,6 +60,91 @@ fn axpy_f16_avx2(a: f32, v: &[f16], out: &mut [f32]) {
     }
     for k in i..n {
         out[k] += a * v[k].to_f32();
+    }
+}
+
+/// `sum_i k[i] * x[i]` over the values of the Q8_0 blocks `k` (`x` holds as many): each
+/// block's products summed in f32, then times its `d`.
+#[inline]
+pub fn dot_q8_0_f32(k: &[BlockQ8_0], x: &[f32]) -> f32 {
+    assert_eq!(k.len() * QK8_0, x.len());
+    #[cfg(target_arch = "x86_64")]
+    if level() >= CpuLevel::Avx2 {
+        // SAFETY: as in `dot_f16`.
+        return unsafe {
+            super::x86::prefetch_slice_ahead(k);
+            dot_q8_0_f32_avx2(k, x)
+        };
+    }
+    k.iter()
+        .zip(x.chunks_exact(QK8_0))
+        .map(|(b, x)| {
+            let sum: f32 = b.qs.iter().zip(x).map(|(&q, &x)| q as f32 * x).sum();
+            b.d.to_f32() * sum
+        })
+        .sum()
+}
+
+/// `out[i] += a * v[i]` over the values of the Q8_0 blocks `v` (`out` holds as many).
+#[inline]
+pub fn axpy_q8_0(a: f32, v: &[BlockQ8_0], out: &mut [f32]) {
+    assert_eq!(v.len() * QK8_0, out.len());
+    #[cfg(target_arch = "x86_64")]
+    if level() >= CpuLevel::Avx2 {
+        // SAFETY: as in `dot_f16`.
+        return unsafe {
+            super::x86::prefetch_slice_ahead(v);
+            axpy_q8_0_avx2(a, v, out)
+        };
+    }
+    for (b, out) in v.iter().zip(out.chunks_exact_mut(QK8_0)) {
+        let s = a * b.d.to_f32();
+        for (o, &q) in out.iter_mut().zip(&b.qs) {
+            *o += s * q as f32;
+        }
+    }
+}
+
+/// Values `8g..8g + 8` of a Q8_0 block as f32.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q8_0_eight(b: &BlockQ8_0, g: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let bytes = i64::from_le_bytes(std::array::from_fn(|i| b.qs[8 * g + i] as u8));
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bytes)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q8_0_f32_avx2(k: &[BlockQ8_0], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_ps();
+    for (b, x) in k.iter().zip(x.chunks_exact(QK8_0)) {
+        let mut sum = _mm256_setzero_ps();
+        for g in 0..QK8_0 / 8 {
+            // SAFETY: `x` is a chunk of 32 values; 8 from 8g lie within it.
+            let xs = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * g)) };
+            sum = _mm256_fmadd_ps(q8_0_eight(b, g), xs, sum);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(b.d.to_f32()), sum, acc);
+    }
+    super::x86::avx2::hsum_ps(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn axpy_q8_0_avx2(a: f32, v: &[BlockQ8_0], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for (b, out) in v.iter().zip(out.chunks_exact_mut(QK8_0)) {
+        let s = _mm256_set1_ps(a * b.d.to_f32());
+        for g in 0..QK8_0 / 8 {
+            // SAFETY: `out` is a chunk of 32 values; 8 from 8g lie within it.
+            unsafe {
+                let o = out.as_mut_ptr().add(8 * g);
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(s, q8_0_eight(b, g), _mm256_loadu_ps(o)));
+            }
+        }
     }
 }
 
@@ -159,6 +246,36 @@ mod tests {
             for (i, o) in out.iter().enumerate() {
                 let expected = x[i] + 0.5 * v[i].to_f32();
                 assert!((o - expected).abs() < 1e-6, "axpy, n = {n}, i = {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_rows_match_the_scalar_loops() {
+        for blocks in [1, 3, 4] {
+            let values: Vec<f32> = (0..blocks * QK8_0)
+                .map(|i| (i as f32 * 0.37).sin() * (1.0 + i as f32 / 50.0))
+                .collect();
+            let v = super::super::blocks::quantize_q8_0(&values);
+            let x: Vec<f32> = (0..blocks * QK8_0)
+                .map(|i| (i as f32 * 0.11).cos())
+                .collect();
+            let value = |i: usize| v[i / QK8_0].d.to_f32() * v[i / QK8_0].qs[i % QK8_0] as f32;
+            let expected: f32 = (0..x.len()).map(|i| value(i) * x[i]).sum();
+            let got = dot_q8_0_f32(&v, &x);
+            assert!(
+                (got - expected).abs() < 1e-4 * (1.0 + expected.abs()),
+                "dot, {blocks}"
+            );
+
+            let mut out = x.clone();
+            axpy_q8_0(0.5, &v, &mut out);
+            for (i, o) in out.iter().enumerate() {
+                let expected = x[i] + 0.5 * value(i);
+                assert!(
+                    (o - expected).abs() < 1e-6,
+                    "axpy, {blocks} blocks, i = {i}"
+                );
             }
         }
     }

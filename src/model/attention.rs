@@ -1,14 +1,17 @@
 //! Attention of a sequence's new positions over its own [`KvCache`]: one query position
-//! (decode) on phi3's f16 kernels, several (a prompt chunk) in tiles of query rows by key vectors.
+//! (decode) on phi3's kernels over the cache's rows as they are stored (f16 or Q8_0), several
+//! (a prompt chunk) in tiles of query rows by key vectors converted to f32. The queries, scores
+//! and sums are f32 either way.
 //!
 //! Shapes: queries are rows of `heads * head_dim` values (rotated), query head `h` reading KV
 //! head `h / group`; the output has the queries' shape.
 
-use half::slice::HalfFloatSliceExt;
+use half::f16;
 use rayon::prelude::*;
 
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvElement, KvType};
 use crate::kernels::attention::{score_tile, weighted_sum_tile, KEY_LANES, TILE_ROWS};
+use crate::kernels::blocks::BlockQ8_0;
 use crate::kernels::vector;
 
 /// What every attention call of one model shares.
@@ -51,6 +54,21 @@ pub fn attend_one(
     q: &[f32],
     out: &mut [f32],
 ) {
+    match cache.shape().kv_type {
+        KvType::F16 => attend_one_as::<f16>(shape, cache, layer, pos, q, out),
+        KvType::Q8_0 => attend_one_as::<BlockQ8_0>(shape, cache, layer, pos, q, out),
+    }
+}
+
+fn attend_one_as<T: KvElement>(
+    shape: &AttentionShape,
+    cache: &KvCache,
+    layer: usize,
+    pos: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
+    let row_len = cache.row_len();
     let (d, group, scale) = (shape.head_dim, shape.group(), shape.scale());
     let (first, end) = (shape.first_visible(pos), pos + 1);
     out.par_chunks_mut(group * d)
@@ -60,18 +78,18 @@ pub fn attend_one(
             let mut scores = vec![0f32; end - first];
             for (out, q) in out.chunks_exact_mut(d).zip(q.chunks_exact(d)) {
                 let keys = cache
-                    .runs(layer, false, h, first, end)
-                    .flat_map(|run| run.chunks_exact(d));
+                    .runs::<T>(layer, false, h, first, end)
+                    .flat_map(|run| run.chunks_exact(row_len));
                 for (s, k) in scores.iter_mut().zip(keys) {
-                    *s = vector::dot_f16(k, q);
+                    *s = T::dot(k, q);
                 }
                 vector::softmax(&mut scores, scale);
                 out.fill(0.0);
                 let values = cache
-                    .runs(layer, true, h, first, end)
-                    .flat_map(|run| run.chunks_exact(d));
+                    .runs::<T>(layer, true, h, first, end)
+                    .flat_map(|run| run.chunks_exact(row_len));
                 for (&p, v) in scores.iter().zip(values) {
-                    vector::axpy_f16(p, v, out);
+                    T::axpy(p, v, out);
                 }
             }
         });
@@ -86,7 +104,7 @@ const QUERY_BLOCK: usize = 64;
 /// `stride` values whose first `heads * head_dim` are the queries, keys and values already
 /// written to the cache) into `out` (`seq` rows of `heads * head_dim`).
 ///
-/// One task per (KV head, block of [`QUERY_BLOCK`] positions): it converts the f16 keys its
+/// One task per (KV head, block of [`QUERY_BLOCK`] positions): it converts the cached keys its
 /// positions see into f32, transposed so that a tile of query rows meets 16 keys per vector, and
 /// the values as they are; then each query row's scores, softmax and weighted sum of values.
 /// The `group` query heads sharing the KV head are rows of the same tiles.
@@ -110,7 +128,17 @@ pub fn attend_chunk(
         .par_iter()
         .map_init(Scratch::default, |scratch, &(h, b)| {
             let positions = b * QUERY_BLOCK..seq.min((b + 1) * QUERY_BLOCK);
-            attend_block(shape, cache, layer, start, h, positions, q, stride, scratch)
+            let task = Task {
+                cache,
+                layer,
+                start,
+                h,
+                positions,
+            };
+            match cache.shape().kv_type {
+                KvType::F16 => attend_block::<f16>(shape, &task, q, stride, scratch),
+                KvType::Q8_0 => attend_block::<BlockQ8_0>(shape, &task, q, stride, scratch),
+            }
         })
         .collect();
     let group = shape.group();
@@ -136,21 +164,33 @@ struct Scratch {
     run: Vec<f32>,
 }
 
-/// [`attend_chunk`] for KV head `h` and chunk positions `positions`: `(positions, group,
-/// head_dim)` values.
-#[allow(clippy::too_many_arguments)]
-fn attend_block(
-    shape: &AttentionShape,
-    cache: &KvCache,
+/// One task of [`attend_chunk`]: KV head `h` of `layer`, for chunk positions `positions` (the
+/// chunk starting at position `start`).
+struct Task<'a> {
+    cache: &'a KvCache,
     layer: usize,
     start: usize,
     h: usize,
     positions: std::ops::Range<usize>,
+}
+
+/// [`attend_chunk`]'s `task`: `(positions, group, head_dim)` values.
+fn attend_block<T: KvElement>(
+    shape: &AttentionShape,
+    task: &Task,
     q: &[f32],
     stride: usize,
     scratch: &mut Scratch,
 ) -> Vec<f32> {
+    let Task {
+        cache,
+        layer,
+        start,
+        h,
+        ref positions,
+    } = *task;
     let (d, group) = (shape.head_dim, shape.group());
+    let row_len = cache.row_len();
     // Keys first..end: what the block's first position sees, through its last position.
     let first = shape.first_visible(start + positions.start);
     let end = start + positions.end;
@@ -162,11 +202,12 @@ fn attend_block(
     scratch.scores.resize(TILE_ROWS * padded, 0.0);
     let mut j = 0;
     for (k_run, v_run) in cache
-        .runs(layer, false, h, first, end)
-        .zip(cache.runs(layer, true, h, first, end))
+        .runs::<T>(layer, false, h, first, end)
+        .zip(cache.runs::<T>(layer, true, h, first, end))
     {
-        scratch.run.resize(k_run.len(), 0.0);
-        k_run.convert_to_f32_slice(&mut scratch.run);
+        let run_positions = k_run.len() / row_len;
+        scratch.run.resize(run_positions * d, 0.0);
+        T::load(k_run, &mut scratch.run);
         // 16 keys at a time (6 KiB of them for 96 values each, in L1): each value of theirs
         // goes into one contiguous run of its transposed row.
         for (k0, keys) in scratch.run.chunks(KEY_LANES * d).enumerate() {
@@ -178,8 +219,8 @@ fn attend_block(
                 }
             }
         }
-        v_run.convert_to_f32_slice(&mut scratch.values[j * d..][..v_run.len()]);
-        j += k_run.len() / d;
+        T::load(v_run, &mut scratch.values[j * d..][..run_positions * d]);
+        j += run_positions;
     }
 
     // Rows (s, g) in order; row r's visible keys are first_visible(pos)..=pos, less `first`.
@@ -234,7 +275,8 @@ mod tests {
 
     /// A chunk's attention against decode attention of each of its positions in turn (which
     /// reads only the keys up to its own position): the same up to float summation order,
-    /// across cache blocks, query blocks, sliding windows and query heads sharing a KV head.
+    /// across cache blocks, query blocks, sliding windows and query heads sharing a KV head,
+    /// for each way the cache stores its rows (Q8_0 where the head size is whole blocks).
     #[test]
     fn a_chunk_attends_as_its_positions_one_by_one() {
         let mut rng = StdRng::seed_from_u64(21);
@@ -245,45 +287,52 @@ mod tests {
             (2, 2, 64, Some(64), 130, 3),
             (2, 1, 20, None, 0, 2),
         ] {
-            let shape = AttentionShape {
-                heads,
-                kv_heads,
-                head_dim,
-                sliding_window: window,
-            };
-            let kv = KvShape {
-                layers: 1,
-                kv_heads,
-                head_dim,
-            };
-            let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
-            let stride = q_width + 2 * kv_width;
-            let mut cache = KvCache::new(kv, 1000);
-            let mut rows = |n: usize| -> Vec<f32> {
-                (0..n * stride)
-                    .map(|_| rng.random::<f32>() * 4.0 - 2.0)
-                    .collect()
-            };
-            let old = rows(cached);
-            cache.reserve(cached).unwrap();
-            cache.write(0, &old, stride, q_width, q_width + kv_width);
-            cache.advance(cached);
-            let qkv = rows(seq);
-            cache.reserve(seq).unwrap();
-            cache.write(0, &qkv, stride, q_width, q_width + kv_width);
+            for kv_type in KvType::ALL {
+                if kv_type == KvType::Q8_0 && head_dim % 32 != 0 {
+                    continue;
+                }
+                let shape = AttentionShape {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    sliding_window: window,
+                };
+                let kv = KvShape {
+                    layers: 1,
+                    kv_heads,
+                    head_dim,
+                    kv_type,
+                };
+                let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+                let stride = q_width + 2 * kv_width;
+                let mut cache = KvCache::new(kv, 1000);
+                let mut rows = |n: usize| -> Vec<f32> {
+                    (0..n * stride)
+                        .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+                        .collect()
+                };
+                let old = rows(cached);
+                cache.reserve(cached).unwrap();
+                cache.write(0, &old, stride, q_width, q_width + kv_width);
+                cache.advance(cached);
+                let qkv = rows(seq);
+                cache.reserve(seq).unwrap();
+                cache.write(0, &qkv, stride, q_width, q_width + kv_width);
 
-            let mut chunk = vec![f32::NAN; seq * q_width];
-            attend_chunk(&shape, &cache, 0, cached, &qkv, stride, &mut chunk);
-            let mut one = vec![f32::NAN; q_width];
-            for (s, got) in chunk.chunks_exact(q_width).enumerate() {
-                let q = &qkv[s * stride..][..q_width];
-                attend_one(&shape, &cache, 0, cached + s, q, &mut one);
-                for (k, (g, w)) in got.iter().zip(&one).enumerate() {
-                    assert!(
-                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                        "{heads}/{kv_heads} heads of {head_dim}, window {window:?}, position \
-                         {s} of {seq} after {cached}, value {k}: {g} against {w}"
-                    );
+                let mut chunk = vec![f32::NAN; seq * q_width];
+                attend_chunk(&shape, &cache, 0, cached, &qkv, stride, &mut chunk);
+                let mut one = vec![f32::NAN; q_width];
+                for (s, got) in chunk.chunks_exact(q_width).enumerate() {
+                    let q = &qkv[s * stride..][..q_width];
+                    attend_one(&shape, &cache, 0, cached + s, q, &mut one);
+                    for (k, (g, w)) in got.iter().zip(&one).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{kv_type:?}, {heads}/{kv_heads} heads of {head_dim}, window \
+                             {window:?}, position {s} of {seq} after {cached}, value {k}: {g} \
+                             against {w}"
+                        );
+                    }
                 }
             }
         }

@@ -15,6 +15,7 @@ use super::options::{Caller, StreamOptions};
 use super::stream::PyStream;
 use crate::engine::{Engine, EngineOptions};
 use crate::hub;
+use crate::model::kv_cache::KvType;
 
 /// Where the model file comes from.
 enum ModelSource {
@@ -135,6 +136,23 @@ fn at_least(value: Option<i64>, min: i64, name: &str) -> PyResult<Option<usize>>
         .transpose()
 }
 
+/// The `kv_cache` argument: `None` (f16) or a [`KvType`]'s name.
+fn kv_type(value: Option<&str>) -> PyResult<KvType> {
+    match value {
+        None => Ok(KvType::default()),
+        Some(name) => KvType::parse(name).ok_or_else(|| {
+            let names: Vec<_> = KvType::ALL
+                .iter()
+                .map(|t| format!("{:?}", t.name()))
+                .collect();
+            PyValueError::new_err(format!(
+                "kv_cache must be one of {}, got {name:?}",
+                names.join(", ")
+            ))
+        }),
+    }
+}
+
 /// `phi3._openai.<function>(model, first, **fields)`: the OpenAI protocol is Python's.
 fn openai<'py>(
     model: &Bound<'py, PyPhi3>,
@@ -152,7 +170,7 @@ fn openai<'py>(
 #[pymethods]
 impl PyPhi3 {
     #[new]
-    #[pyo3(signature = (model=None, *, filename=None, revision=None, tokenizer=None, threads=None, context_length=None, cache_bytes=None, max_batch=None))]
+    #[pyo3(signature = (model=None, *, filename=None, revision=None, tokenizer=None, threads=None, context_length=None, cache_bytes=None, max_batch=None, kv_cache=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -164,12 +182,14 @@ impl PyPhi3 {
         context_length: Option<i64>,
         cache_bytes: Option<i64>,
         max_batch: Option<i64>,
+        kv_cache: Option<&str>,
     ) -> PyResult<Self> {
         let options = EngineOptions {
             threads: at_least(threads, 1, "threads")?,
             context_length: at_least(context_length, 1, "context_length")?,
             cache_bytes: at_least(cache_bytes, 0, "cache_bytes")?,
             max_batch: at_least(max_batch, 1, "max_batch")?,
+            kv_cache: kv_type(kv_cache)?,
             tokenizer: None,
         };
         let source = model_source(model, filename, revision)?;
@@ -204,6 +224,7 @@ impl PyPhi3 {
         kwargs.set_item("context_length", o.context_length)?;
         kwargs.set_item("cache_bytes", o.cache_bytes)?;
         kwargs.set_item("max_batch", o.max_batch)?;
+        kwargs.set_item("kv_cache", o.kv_cache.name())?;
         let tokenizer = o.tokenizer.as_ref().map(|t| t.display().to_string());
         kwargs.set_item("tokenizer", tokenizer)?;
         let class = py.get_type::<Self>();
@@ -295,6 +316,12 @@ impl PyPhi3 {
     #[getter]
     fn max_batch(&self) -> usize {
         self.engine.scheduler().max_batch()
+    }
+
+    /// How the KV caches store keys and values: "f16" or "q8_0".
+    #[getter]
+    fn kv_cache(&self) -> &'static str {
+        self.engine.model().kv_type().name()
     }
 
     /// Streams in the running batch now.

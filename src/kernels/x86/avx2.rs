@@ -11,7 +11,7 @@ use crate::kernels::blocks::*;
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn hsum_ps(v: __m256) -> f32 {
+pub(crate) fn hsum_ps(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     hsum_ps128(s)
 }
