@@ -50,13 +50,19 @@ def warm_page_cache(path: str) -> None:
 
 
 def measure_phi3(
-    model: str, threads: int, prompt_tokens: int, decode_tokens: int, positions: list[int], overhead: bool
+    model: str,
+    threads: int,
+    prompt_tokens: int,
+    decode_tokens: int,
+    positions: list[int],
+    overhead: bool,
+    kv_cache: Optional[str] = None,
 ) -> dict[str, Any]:
     from phi3 import Phi3, __version__, cpu_info
 
     warm_page_cache(model)
     t0 = time.perf_counter()
-    m = Phi3(model, threads=threads, context_length=max([2048, *[n + 64 for n in positions]]))
+    m = Phi3(model, threads=threads, context_length=max([2048, *[n + 64 for n in positions]]), kv_cache=kv_cache)
     load_s = time.perf_counter() - t0
 
     # Time to first token: a ~20-token chat prompt, through to the first sampled token.
@@ -91,6 +97,7 @@ def measure_phi3(
         "engine": f"phi3 {__version__}",
         "build": info["baseline"],
         "kernels": info["level"],
+        "kv_cache": m.kv_cache,
         "model": os.path.basename(model),
         "threads": threads,
         "load_s": round(load_s, 3),
@@ -205,7 +212,8 @@ ROWS = [
 
 def engine_label(r: dict[str, Any]) -> str:
     if "build" in r:
-        return f"{r['engine']} ({r['build']}, {r['kernels']})"
+        cache = f", {r['kv_cache']} cache" if r.get("kv_cache", "f16") != "f16" else ""
+        return f"{r['engine']} ({r['build']}, {r['kernels']}{cache})"
     return str(r["engine"]) + (" no-repack" if r.get("no_repack") else "")
 
 
@@ -284,6 +292,7 @@ def main() -> None:
         metavar="N,N,...",
         help="phi3: also decode after prompts of these lengths (e.g. 100,3000)",
     )
+    p.add_argument("--kv-cache", choices=("f16", "q8_0"), help="phi3: how the KV cache stores keys and values")
     p.add_argument("--json", action="store_true", help="(internal) measure phi3 in this process")
     p.add_argument(
         "--no-stream-overhead", action="store_true", help="(internal) skip the stream() overhead measurement"
@@ -291,7 +300,9 @@ def main() -> None:
     a = p.parse_args()
 
     if a.json:
-        r = measure_phi3(a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.positions, not a.no_stream_overhead)
+        r = measure_phi3(
+            a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.positions, not a.no_stream_overhead, a.kv_cache
+        )
         print(json.dumps(r))
         return
 
@@ -303,7 +314,11 @@ def main() -> None:
         "--decode-tokens",
         str(a.decode_tokens),
     ]
-    phi3_args = [*common, *(["--positions", ",".join(map(str, a.positions))] if a.positions else [])]
+    phi3_args = [
+        *common,
+        *(["--positions", ",".join(map(str, a.positions))] if a.positions else []),
+        *(["--kv-cache", a.kv_cache] if a.kv_cache else []),
+    ]
     pythons = a.python or [sys.executable]
     file_bytes = os.path.getsize(a.model)
     limit_gbs = memory_limit_gbs(file_bytes, a.threads)

@@ -111,8 +111,10 @@ pub fn axpy_q8_0(a: f32, v: &[BlockQ8_0], out: &mut [f32]) {
 #[target_feature(enable = "avx2")]
 fn q8_0_eight(b: &BlockQ8_0, g: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let bytes = i64::from_le_bytes(std::array::from_fn(|i| b.qs[8 * g + i] as u8));
-    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bytes)))
+    assert!(g < QK8_0 / 8);
+    // SAFETY: the 8 bytes from 8g lie within the block's 32 (asserted).
+    let q = unsafe { _mm_loadl_epi64(b.qs.as_ptr().add(8 * g).cast()) };
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
 }
 
 #[cfg(target_arch = "x86_64")]
