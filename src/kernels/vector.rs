@@ -1,150 +1,295 @@
-//! Single-vector kernels for attention: over the KV cache (f16, or Q8_0 blocks) for decode (the
-//! scores are dot products of the query with each cached key, the output a weighted sum of the
-//! cached values; the query and the sums stay f32),
-//! chosen per call from [`super::level`] (a relaxed atomic load once initialised); and the
-//! softmax of both decode and prefill attention, in plain Rust the compiler vectorizes.
+//! Kernels of decode attention over one run of cached rows (f16 values, or Q8_0 blocks): the
+//! scores of a query against each key row, and the weighted sum of the value rows. The query,
+//! scores and sums are f32. Chosen per call from [`super::level`] (a relaxed atomic load once
+//! initialised). Also the softmax of both decode and prefill attention, in plain Rust the
+//! compiler vectorizes.
+//!
+//! Both work on a whole run rather than a row at a time, so that a row costs no call, no
+//! horizontal sum of its own (four keys' sums are reduced together) and no reload of the output
+//! (a weighted sum keeps 32 output values in registers across every row of the run).
 
 use half::f16;
 
 use super::blocks::{BlockQ8_0, QK8_0};
-use super::reference;
 #[cfg(target_arch = "x86_64")]
 use super::{level, CpuLevel};
 
-/// `sum_i w[i] * x[i]` over the shorter of the two.
-#[inline]
-pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+/// `scores[k] = sum_i keys[k * d + i] * q[i]` for the `scores.len()` rows of `d = q.len()`
+/// values in `keys`.
+pub fn scores_f16(keys: &[f16], q: &[f32], scores: &mut [f32]) {
+    assert_eq!(keys.len(), scores.len() * q.len());
     #[cfg(target_arch = "x86_64")]
     if level() >= CpuLevel::Avx2 {
-        // SAFETY: the level is at most the hardware's, which has AVX2, FMA and F16C (and SSE,
-        // as every x86_64 does). Cached keys lie back to back: fetch those a few rows on.
-        return unsafe {
-            super::x86::prefetch_slice_ahead(w);
-            super::x86::avx2::dot_f16(w, x)
-        };
+        // SAFETY: the level is at most the hardware's, which has AVX2, FMA and F16C.
+        return unsafe { avx2::scores_f16(keys, q, scores) };
     }
-    reference::dot_f16(w, x)
-}
-
-/// `out[i] += a * v[i]` over the shorter of the two.
-#[inline]
-pub fn axpy_f16(a: f32, v: &[f16], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if level() >= CpuLevel::Avx2 {
-        // SAFETY: as in `dot_f16`.
-        return unsafe {
-            super::x86::prefetch_slice_ahead(v);
-            axpy_f16_avx2(a, v, out)
-        };
-    }
-    for (o, x) in out.iter_mut().zip(v) {
-        *o += a * x.to_f32();
+    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(q.len())) {
+        *s = k.iter().zip(q).map(|(k, q)| k.to_f32() * q).sum();
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn axpy_f16_avx2(a: f32, v: &[f16], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = v.len().min(out.len());
-    let av = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: i + 8 <= n, within both slices.
-        unsafe {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i).cast()));
-            let o = out.as_mut_ptr().add(i);
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(av, x, _mm256_loadu_ps(o)));
-        }
-        i += 8;
-    }
-    for k in i..n {
-        out[k] += a * v[k].to_f32();
-    }
-}
-
-/// `sum_i k[i] * x[i]` over the values of the Q8_0 blocks `k` (`x` holds as many): each
-/// block's products summed in f32, then times its `d`.
-#[inline]
-pub fn dot_q8_0_f32(k: &[BlockQ8_0], x: &[f32]) -> f32 {
-    assert_eq!(k.len() * QK8_0, x.len());
+/// `out[i] += sum_k weights[k] * values[k * d + i]` for the `weights.len()` rows of
+/// `d = out.len()` values in `values`.
+pub fn weighted_sum_f16(weights: &[f32], values: &[f16], out: &mut [f32]) {
+    assert_eq!(values.len(), weights.len() * out.len());
     #[cfg(target_arch = "x86_64")]
     if level() >= CpuLevel::Avx2 {
-        // SAFETY: as in `dot_f16`.
-        return unsafe {
-            super::x86::prefetch_slice_ahead(k);
-            dot_q8_0_f32_avx2(k, x)
-        };
+        // SAFETY: as in `scores_f16`.
+        return unsafe { avx2::weighted_sum_f16(weights, values, out) };
     }
-    k.iter()
-        .zip(x.chunks_exact(QK8_0))
-        .map(|(b, x)| {
-            let sum: f32 = b.qs.iter().zip(x).map(|(&q, &x)| q as f32 * x).sum();
-            b.d.to_f32() * sum
-        })
-        .sum()
-}
-
-/// `out[i] += a * v[i]` over the values of the Q8_0 blocks `v` (`out` holds as many).
-#[inline]
-pub fn axpy_q8_0(a: f32, v: &[BlockQ8_0], out: &mut [f32]) {
-    assert_eq!(v.len() * QK8_0, out.len());
-    #[cfg(target_arch = "x86_64")]
-    if level() >= CpuLevel::Avx2 {
-        // SAFETY: as in `dot_f16`.
-        return unsafe {
-            super::x86::prefetch_slice_ahead(v);
-            axpy_q8_0_avx2(a, v, out)
-        };
-    }
-    for (b, out) in v.iter().zip(out.chunks_exact_mut(QK8_0)) {
-        let s = a * b.d.to_f32();
-        for (o, &q) in out.iter_mut().zip(&b.qs) {
-            *o += s * q as f32;
+    for (&w, v) in weights.iter().zip(values.chunks_exact(out.len())) {
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += w * v.to_f32();
         }
     }
 }
 
-/// Values `8g..8g + 8` of a Q8_0 block as f32.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2")]
-fn q8_0_eight(b: &BlockQ8_0, g: usize) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    assert!(g < QK8_0 / 8);
-    // SAFETY: the 8 bytes from 8g lie within the block's 32 (asserted).
-    let q = unsafe { _mm_loadl_epi64(b.qs.as_ptr().add(8 * g).cast()) };
-    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_q8_0_f32_avx2(k: &[BlockQ8_0], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc = _mm256_setzero_ps();
-    for (b, x) in k.iter().zip(x.chunks_exact(QK8_0)) {
-        let mut sum = _mm256_setzero_ps();
-        for g in 0..QK8_0 / 8 {
-            // SAFETY: `x` is a chunk of 32 values; 8 from 8g lie within it.
-            let xs = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * g)) };
-            sum = _mm256_fmadd_ps(q8_0_eight(b, g), xs, sum);
+/// Asks for `items`' bytes to be brought into cache: the next run of rows while this one is
+/// worked on. Runs lie in different blocks, each start on a new page, where the hardware
+/// prefetchers stop.
+pub fn prefetch<T>(items: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let start = items.as_ptr().cast::<i8>();
+        for line in (0..size_of_val(items)).step_by(64) {
+            // SAFETY: a hint that never faults; the address lies within `items`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line)) };
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(b.d.to_f32()), sum, acc);
     }
-    super::x86::avx2::hsum_ps(acc)
+}
+
+/// [`scores_f16`] over rows of Q8_0 blocks (`q.len() / 32` a row): each block's products
+/// summed, then times its `d`.
+pub fn scores_q8_0(keys: &[BlockQ8_0], q: &[f32], scores: &mut [f32]) {
+    assert!(q.len().is_multiple_of(QK8_0));
+    assert_eq!(keys.len() * QK8_0, scores.len() * q.len());
+    #[cfg(target_arch = "x86_64")]
+    if level() >= CpuLevel::Avx2 {
+        // SAFETY: as in `scores_f16`.
+        return unsafe { avx2::scores_q8_0(keys, q, scores) };
+    }
+    let row = q.len() / QK8_0;
+    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(row)) {
+        *s = k
+            .iter()
+            .zip(q.chunks_exact(QK8_0))
+            .map(|(b, q)| {
+                let sum: f32 = b.qs.iter().zip(q).map(|(&v, &q)| v as f32 * q).sum();
+                b.d.to_f32() * sum
+            })
+            .sum();
+    }
+}
+
+/// [`weighted_sum_f16`] over rows of Q8_0 blocks (`out.len() / 32` a row).
+pub fn weighted_sum_q8_0(weights: &[f32], values: &[BlockQ8_0], out: &mut [f32]) {
+    assert!(out.len().is_multiple_of(QK8_0));
+    assert_eq!(values.len() * QK8_0, weights.len() * out.len());
+    #[cfg(target_arch = "x86_64")]
+    if level() >= CpuLevel::Avx2 {
+        // SAFETY: as in `scores_f16`.
+        return unsafe { avx2::weighted_sum_q8_0(weights, values, out) };
+    }
+    let row = out.len() / QK8_0;
+    for (&w, v) in weights.iter().zip(values.chunks_exact(row)) {
+        for (b, out) in v.iter().zip(out.chunks_exact_mut(QK8_0)) {
+            let s = w * b.d.to_f32();
+            for (o, &v) in out.iter_mut().zip(&b.qs) {
+                *o += s * v as f32;
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn axpy_q8_0_avx2(a: f32, v: &[BlockQ8_0], out: &mut [f32]) {
+mod avx2 {
     use std::arch::x86_64::*;
-    for (b, out) in v.iter().zip(out.chunks_exact_mut(QK8_0)) {
-        let s = _mm256_set1_ps(a * b.d.to_f32());
-        for g in 0..QK8_0 / 8 {
-            // SAFETY: `out` is a chunk of 32 values; 8 from 8g lie within it.
-            unsafe {
-                let o = out.as_mut_ptr().add(8 * g);
-                _mm256_storeu_ps(o, _mm256_fmadd_ps(s, q8_0_eight(b, g), _mm256_loadu_ps(o)));
+
+    use half::f16;
+
+    use crate::kernels::blocks::{BlockQ8_0, QK8_0};
+
+    /// Keys whose sums are reduced together.
+    const KEYS: usize = 4;
+
+    /// 8 floats from `p[at..]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load(p: &[f32], at: usize) -> __m256 {
+        assert!(at + 8 <= p.len());
+        // SAFETY: 8 floats from `at` lie within `p` (asserted).
+        unsafe { _mm256_loadu_ps(p.as_ptr().add(at)) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store(p: &mut [f32], at: usize, v: __m256) {
+        assert!(at + 8 <= p.len());
+        // SAFETY: as in `load`.
+        unsafe { _mm256_storeu_ps(p.as_mut_ptr().add(at), v) }
+    }
+
+    /// 8 halves from `p[at..]` as floats.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn load_f16(p: &[f16], at: usize) -> __m256 {
+        assert!(at + 8 <= p.len());
+        // SAFETY: 8 halves (16 bytes) from `at` lie within `p` (asserted).
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.as_ptr().add(at).cast()) })
+    }
+
+    /// Values `8g..8g + 8` of a Q8_0 block as floats.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load_q8(b: &BlockQ8_0, g: usize) -> __m256 {
+        assert!(g < QK8_0 / 8);
+        // SAFETY: the 8 bytes from 8g lie within the block's 32 (asserted).
+        let q = unsafe { _mm_loadl_epi64(b.qs.as_ptr().add(8 * g).cast()) };
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+    }
+
+    /// The sums of each of four vectors' lanes, in order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sums4(a: [__m256; KEYS]) -> __m128 {
+        let s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
+    }
+
+    /// `dot(row k, q)` into `scores[k]` for every row, four rows at a time: `dot8(row, c)` is
+    /// the products of a row's values `c..c + 8` with `q`'s, `tail(row)` the sum of the values
+    /// past the last whole 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn scores_by_four<R: Copy>(
+        rows: impl Fn(usize) -> R,
+        n: usize,
+        d8: usize,
+        scores: &mut [f32],
+        dot8: impl Fn(R, usize, __m256) -> __m256,
+        tail: impl Fn(R) -> f32,
+    ) {
+        let mut k = 0;
+        while k + KEYS <= n {
+            let mut acc = [_mm256_setzero_ps(); KEYS];
+            for c in (0..d8).step_by(8) {
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    *acc = dot8(rows(k + i), c, *acc);
+                }
+            }
+            let mut four = [0f32; KEYS];
+            // SAFETY: `four` holds the 4 floats written.
+            unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums4(acc)) };
+            for (i, s) in four.iter().enumerate() {
+                scores[k + i] = s + tail(rows(k + i));
+            }
+            k += KEYS;
+        }
+        for (k, score) in scores.iter_mut().enumerate().skip(k) {
+            let mut acc = _mm256_setzero_ps();
+            for c in (0..d8).step_by(8) {
+                acc = dot8(rows(k), c, acc);
+            }
+            let zero = _mm256_setzero_ps();
+            let mut four = [0f32; KEYS];
+            // SAFETY: as above.
+            unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums4([acc, zero, zero, zero])) };
+            *score = four[0] + tail(rows(k));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn scores_f16(keys: &[f16], q: &[f32], scores: &mut [f32]) {
+        let d = q.len();
+        let d8 = d / 8 * 8;
+        scores_by_four(
+            |k| &keys[k * d..(k + 1) * d],
+            scores.len(),
+            d8,
+            scores,
+            |row, c, acc| _mm256_fmadd_ps(load_f16(row, c), load(q, c), acc),
+            |row| {
+                row[d8..]
+                    .iter()
+                    .zip(&q[d8..])
+                    .map(|(k, q)| k.to_f32() * q)
+                    .sum()
+            },
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn scores_q8_0(keys: &[BlockQ8_0], q: &[f32], scores: &mut [f32]) {
+        let blocks = q.len() / QK8_0;
+        // Each "8 values" step of `scores_by_four` takes a whole block here (c counts blocks
+        // times 8), its products scaled by the block's `d`.
+        scores_by_four(
+            |k| &keys[k * blocks..(k + 1) * blocks],
+            scores.len(),
+            blocks * 8,
+            scores,
+            |row, c, acc| {
+                let b = &row[c / 8];
+                let q = &q[c / 8 * QK8_0..][..QK8_0];
+                let mut sum = _mm256_mul_ps(load_q8(b, 0), load(q, 0));
+                for g in 1..QK8_0 / 8 {
+                    sum = _mm256_fmadd_ps(load_q8(b, g), load(q, 8 * g), sum);
+                }
+                _mm256_fmadd_ps(_mm256_set1_ps(b.d.to_f32()), sum, acc)
+            },
+            |_| 0.0,
+        );
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn weighted_sum_f16(weights: &[f32], values: &[f16], out: &mut [f32]) {
+        let d = out.len();
+        let mut c = 0;
+        // 32 outputs at a time, held in registers over every row.
+        while c + 32 <= d {
+            let mut acc: [__m256; 4] = std::array::from_fn(|j| load(out, c + 8 * j));
+            for (k, &w) in weights.iter().enumerate() {
+                let w = _mm256_set1_ps(w);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(w, load_f16(values, k * d + c + 8 * j), *acc);
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                store(out, c + 8 * j, *acc);
+            }
+            c += 32;
+        }
+        while c + 8 <= d {
+            let mut acc = load(out, c);
+            for (k, &w) in weights.iter().enumerate() {
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(w), load_f16(values, k * d + c), acc);
+            }
+            store(out, c, acc);
+            c += 8;
+        }
+        for (i, o) in out.iter_mut().enumerate().skip(c) {
+            for (k, &w) in weights.iter().enumerate() {
+                *o += w * values[k * d + i].to_f32();
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn weighted_sum_q8_0(weights: &[f32], values: &[BlockQ8_0], out: &mut [f32]) {
+        let blocks = out.len() / QK8_0;
+        // A block's 32 outputs at a time, held in registers over every row.
+        for b in 0..blocks {
+            let mut acc: [__m256; 4] = std::array::from_fn(|j| load(out, b * QK8_0 + 8 * j));
+            for (k, &w) in weights.iter().enumerate() {
+                let block = &values[k * blocks + b];
+                let s = _mm256_set1_ps(w * block.d.to_f32());
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(s, load_q8(block, j), *acc);
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                store(out, b * QK8_0 + 8 * j, *acc);
             }
         }
     }
@@ -233,51 +378,62 @@ mod tests {
         }
     }
 
+    /// Every row count around the four-key groups, and row lengths with and without a tail
+    /// past the last whole 8 (f16) or several blocks (Q8_0), against plain loops.
     #[test]
-    fn match_the_scalar_loops_on_odd_lengths() {
-        for n in [0, 1, 7, 8, 9, 33, 96, 128, 131] {
-            let v: Vec<f16> = (0..n)
-                .map(|i| f16::from_f32((i as f32 * 0.37).sin()))
-                .collect();
-            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let expected: f32 = v.iter().zip(&x).map(|(a, b)| a.to_f32() * b).sum();
-            assert!((dot_f16(&v, &x) - expected).abs() < 1e-4, "dot, n = {n}");
-
-            let mut out = x.clone();
-            axpy_f16(0.5, &v, &mut out);
-            for (i, o) in out.iter().enumerate() {
-                let expected = x[i] + 0.5 * v[i].to_f32();
-                assert!((o - expected).abs() < 1e-6, "axpy, n = {n}, i = {i}");
-            }
-        }
-    }
-
-    #[test]
-    fn q8_0_rows_match_the_scalar_loops() {
-        for blocks in [1, 3, 4] {
-            let values: Vec<f32> = (0..blocks * QK8_0)
-                .map(|i| (i as f32 * 0.37).sin() * (1.0 + i as f32 / 50.0))
-                .collect();
-            let v = super::super::blocks::quantize_q8_0(&values);
-            let x: Vec<f32> = (0..blocks * QK8_0)
-                .map(|i| (i as f32 * 0.11).cos())
-                .collect();
-            let value = |i: usize| v[i / QK8_0].d.to_f32() * v[i / QK8_0].qs[i % QK8_0] as f32;
-            let expected: f32 = (0..x.len()).map(|i| value(i) * x[i]).sum();
-            let got = dot_q8_0_f32(&v, &x);
-            assert!(
-                (got - expected).abs() < 1e-4 * (1.0 + expected.abs()),
-                "dot, {blocks}"
-            );
-
-            let mut out = x.clone();
-            axpy_q8_0(0.5, &v, &mut out);
-            for (i, o) in out.iter().enumerate() {
-                let expected = x[i] + 0.5 * value(i);
-                assert!(
-                    (o - expected).abs() < 1e-6,
-                    "axpy, {blocks} blocks, i = {i}"
-                );
+    fn runs_match_plain_loops() {
+        let value = |i: usize| (i as f32 * 0.37).sin() * (1.0 + (i % 50) as f32 / 25.0);
+        for rows in [0, 1, 3, 4, 5, 9, 64] {
+            for d in [8, 20, 32, 96, 128] {
+                let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.11).cos()).collect();
+                let weights: Vec<f32> = (0..rows).map(|k| 1.0 / (1.0 + k as f32)).collect();
+                let values: Vec<f32> = (0..rows * d).map(value).collect();
+                let f16s: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+                let mut q8 = None;
+                if d % QK8_0 == 0 {
+                    q8 = Some(super::super::blocks::quantize_q8_0(&values));
+                }
+                let stored: Vec<f32> = match &q8 {
+                    Some(blocks) => (0..values.len())
+                        .map(|i| {
+                            let b = &blocks[i / QK8_0];
+                            b.d.to_f32() * b.qs[i % QK8_0] as f32
+                        })
+                        .collect(),
+                    None => f16s.iter().map(|v| v.to_f32()).collect(),
+                };
+                let want_scores: Vec<f32> = stored
+                    .chunks_exact(d.max(1))
+                    .map(|row| row.iter().zip(&q).map(|(a, b)| a * b).sum())
+                    .collect();
+                let mut want_sum: Vec<f32> = q.clone();
+                for (k, row) in stored.chunks_exact(d.max(1)).enumerate() {
+                    for (o, v) in want_sum.iter_mut().zip(row) {
+                        *o += weights[k] * v;
+                    }
+                }
+                let mut scores = vec![f32::NAN; rows];
+                let mut sum = q.clone();
+                match &q8 {
+                    Some(blocks) => {
+                        scores_q8_0(blocks, &q, &mut scores);
+                        weighted_sum_q8_0(&weights, blocks, &mut sum);
+                    }
+                    None => {
+                        scores_f16(&f16s, &q, &mut scores);
+                        weighted_sum_f16(&weights, &f16s, &mut sum);
+                    }
+                }
+                let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+                for (k, (g, w)) in scores.iter().zip(&want_scores).enumerate() {
+                    assert!(
+                        close(*g, *w),
+                        "scores, {rows} rows of {d}, row {k}: {g} {w}"
+                    );
+                }
+                for (i, (g, w)) in sum.iter().zip(&want_sum).enumerate() {
+                    assert!(close(*g, *w), "sum, {rows} rows of {d}, value {i}: {g} {w}");
+                }
             }
         }
     }

@@ -77,19 +77,27 @@ fn attend_one_as<T: KvElement>(
         .for_each(|(h, (out, q))| {
             let mut scores = vec![0f32; end - first];
             for (out, q) in out.chunks_exact_mut(d).zip(q.chunks_exact(d)) {
-                let keys = cache
-                    .runs::<T>(layer, false, h, first, end)
-                    .flat_map(|run| run.chunks_exact(row_len));
-                for (s, k) in scores.iter_mut().zip(keys) {
-                    *s = T::dot(k, q);
+                let mut j = 0;
+                let mut runs = cache.runs::<T>(layer, false, h, first, end).peekable();
+                while let Some(run) = runs.next() {
+                    if let Some(next) = runs.peek() {
+                        vector::prefetch(next);
+                    }
+                    let n = run.len() / row_len;
+                    T::scores(run, q, &mut scores[j..j + n]);
+                    j += n;
                 }
                 vector::softmax(&mut scores, scale);
                 out.fill(0.0);
-                let values = cache
-                    .runs::<T>(layer, true, h, first, end)
-                    .flat_map(|run| run.chunks_exact(row_len));
-                for (&p, v) in scores.iter().zip(values) {
-                    T::axpy(p, v, out);
+                let mut j = 0;
+                let mut runs = cache.runs::<T>(layer, true, h, first, end).peekable();
+                while let Some(run) = runs.next() {
+                    if let Some(next) = runs.peek() {
+                        vector::prefetch(next);
+                    }
+                    let n = run.len() / row_len;
+                    T::weighted_sum(&scores[j..j + n], run, out);
+                    j += n;
                 }
             }
         });

@@ -102,10 +102,10 @@ pub trait KvElement: Copy + Send + Sync + 'static {
     fn store(values: &[f32], row: &mut [Self]);
     /// Rows back to back, as f32 values into `out` (as many).
     fn load(rows: &[Self], out: &mut [f32]);
-    /// `sum_i row[i] * x[i]`.
-    fn dot(row: &[Self], x: &[f32]) -> f32;
-    /// `out[i] += a * row[i]`.
-    fn axpy(a: f32, row: &[Self], out: &mut [f32]);
+    /// `scores[k]` = the dot product of row k of `rows` with `q`.
+    fn scores(rows: &[Self], q: &[f32], scores: &mut [f32]);
+    /// `out += sum_k weights[k] * row k of rows`.
+    fn weighted_sum(weights: &[f32], rows: &[Self], out: &mut [f32]);
 }
 
 impl KvElement for f16 {
@@ -128,11 +128,11 @@ impl KvElement for f16 {
     fn load(rows: &[Self], out: &mut [f32]) {
         rows.convert_to_f32_slice(out);
     }
-    fn dot(row: &[Self], x: &[f32]) -> f32 {
-        vector::dot_f16(row, x)
+    fn scores(rows: &[Self], q: &[f32], scores: &mut [f32]) {
+        vector::scores_f16(rows, q, scores);
     }
-    fn axpy(a: f32, row: &[Self], out: &mut [f32]) {
-        vector::axpy_f16(a, row, out);
+    fn weighted_sum(weights: &[f32], rows: &[Self], out: &mut [f32]) {
+        vector::weighted_sum_f16(weights, rows, out);
     }
 }
 
@@ -161,11 +161,11 @@ impl KvElement for BlockQ8_0 {
             }
         }
     }
-    fn dot(row: &[Self], x: &[f32]) -> f32 {
-        vector::dot_q8_0_f32(row, x)
+    fn scores(rows: &[Self], q: &[f32], scores: &mut [f32]) {
+        vector::scores_q8_0(rows, q, scores);
     }
-    fn axpy(a: f32, row: &[Self], out: &mut [f32]) {
-        vector::axpy_q8_0(a, row, out);
+    fn weighted_sum(weights: &[f32], rows: &[Self], out: &mut [f32]) {
+        vector::weighted_sum_q8_0(weights, rows, out);
     }
 }
 
