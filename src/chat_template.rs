@@ -72,6 +72,11 @@ const MAX_TEMPLATE_BYTES: usize = 1 << 20;
 /// Error messages quote template-made text (`raise_exception`); keep them readable.
 const MAX_ERROR_CHARS: usize = 1_000;
 
+/// The roles a message may have: the ones the Phi models' templates render. (Their templates
+/// skip a `tool` message without a word, so phi3 refuses one rather than answer as if the
+/// tool's output had been read.)
+pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Message {
     pub role: String,
@@ -84,6 +89,21 @@ impl Message {
             role: role.into(),
             content: content.into(),
         }
+    }
+}
+
+/// Each message's role is one of [`ROLES`].
+fn check_roles(messages: &[Message]) -> Result<()> {
+    match messages
+        .iter()
+        .position(|m| !ROLES.contains(&m.role.as_str()))
+    {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid_argument(format!(
+            "messages[{i}]['role'] is '{}'; expected one of {}",
+            messages[i].role.escape_debug(),
+            ROLES.join(", ")
+        ))),
     }
 }
 
@@ -178,6 +198,7 @@ impl ChatTemplate {
     /// it (`add_bos`), so a template's own leading `{{ bos_token }}` is dropped here rather than
     /// becoming a second BOS.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        check_roles(messages)?;
         let message_bytes: usize = messages
             .iter()
             .map(|m| m.role.len() + m.content.len())

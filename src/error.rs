@@ -18,12 +18,18 @@ pub enum Error {
     },
 
     /// The file is not a well-formed GGUF file (truncated, corrupt, over a limit).
-    #[error("invalid GGUF file: {0}")]
-    InvalidGguf(String),
+    #[error("invalid GGUF file: {message}")]
+    InvalidGguf {
+        message: String,
+        at: Option<Culprit>,
+    },
 
     /// A well-formed GGUF file that is not a model phi3 can run.
-    #[error("unsupported model: {0}")]
-    UnsupportedModel(String),
+    #[error("unsupported model: {message}")]
+    UnsupportedModel {
+        message: String,
+        at: Option<Culprit>,
+    },
 
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
@@ -57,6 +63,15 @@ pub enum Error {
     Internal(String),
 }
 
+/// The part of a model file at fault, where one is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Culprit {
+    /// A metadata key.
+    Key(String),
+    /// A tensor, by name.
+    Tensor(String),
+}
+
 /// What a caught panic says.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -68,11 +83,50 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 impl Error {
     pub fn invalid_gguf(msg: impl Into<String>) -> Self {
-        Self::InvalidGguf(msg.into())
+        Self::InvalidGguf {
+            message: msg.into(),
+            at: None,
+        }
     }
 
     pub fn unsupported(msg: impl Into<String>) -> Self {
-        Self::UnsupportedModel(msg.into())
+        Self::UnsupportedModel {
+            message: msg.into(),
+            at: None,
+        }
+    }
+
+    /// This error, naming the metadata key at fault (model-file errors only; others are
+    /// returned as they are).
+    pub fn at_key(self, key: &str) -> Self {
+        self.at(Culprit::Key(key.to_string()))
+    }
+
+    /// This error, naming the tensor at fault (model-file errors only).
+    pub fn at_tensor(self, name: &str) -> Self {
+        self.at(Culprit::Tensor(name.to_string()))
+    }
+
+    fn at(self, culprit: Culprit) -> Self {
+        match self {
+            Self::InvalidGguf { message, .. } => Self::InvalidGguf {
+                message,
+                at: Some(culprit),
+            },
+            Self::UnsupportedModel { message, .. } => Self::UnsupportedModel {
+                message,
+                at: Some(culprit),
+            },
+            other => other,
+        }
+    }
+
+    /// The key or tensor at fault, for a model-file error that names one.
+    pub fn culprit(&self) -> Option<&Culprit> {
+        match self {
+            Self::InvalidGguf { at, .. } | Self::UnsupportedModel { at, .. } => at.as_ref(),
+            _ => None,
+        }
     }
 
     pub fn invalid_argument(msg: impl Into<String>) -> Self {

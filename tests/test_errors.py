@@ -3,6 +3,8 @@ answers right after."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -104,8 +106,47 @@ def test_truncated_file(tmp_path: Path, haiku_path: str) -> None:
 def test_vocabulary_only_file_is_not_a_model() -> None:
     from conftest import fixture_path
 
-    with pytest.raises(ModelFileError, match=re.escape("token_embd.weight")):
+    with pytest.raises(ModelFileError, match=re.escape("token_embd.weight")) as caught:
         Phi3(fixture_path("phi3-vocab.gguf"))
+    # The tensor at fault, as an attribute: no parsing of the message.
+    assert (caught.value.tensor, caught.value.key) == ("token_embd.weight", None)
+
+
+def test_a_bad_key_is_named_in_an_attribute(tmp_path: Path, haiku_path: str) -> None:
+    from conftest import fixture_path
+
+    # Its architecture, the first "phi3" in the file, made one phi3 does not run.
+    data = Path(fixture_path("phi3-vocab.gguf")).read_bytes()
+    assert b"general.architecture" in data
+    path = tmp_path / "other.gguf"
+    path.write_bytes(data.replace(b"phi3", b"zzzz", 1))
+    with pytest.raises(ModelFileError) as caught:
+        Phi3(path)
+    assert caught.value.key is not None and caught.value.tensor is None, caught.value
+    assert caught.value.key in str(caught.value)
+
+
+def test_an_unreadable_file_is_an_os_error(tmp_path: Path) -> None:
+    path = tmp_path / "locked.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("this user reads files whatever their mode (root)")
+        with pytest.raises(PermissionError) as caught:
+            Phi3(path)
+        assert caught.value.errno == errno.EACCES and "locked.gguf" in str(caught.value)
+    finally:
+        path.chmod(0o600)
+
+
+def test_messages_roles_are_checked(haiku: Phi3) -> None:
+    for role in ["tool", "function", ""]:
+        messages = [{"role": "user", "content": "Hi"}, {"role": role, "content": "x"}]
+        with pytest.raises(ValueError, match=re.escape(f"messages[1]['role'] is {role!r}")):
+            haiku.generate(messages, max_tokens=1)
+        with pytest.raises(ValueError, match="expected one of system, user, assistant"):
+            haiku.apply_chat_template(messages)
 
 
 def test_errors_are_phi3_errors(tmp_path: Path) -> None:

@@ -159,8 +159,9 @@ def test_accessors(haiku: Phi3) -> None:
 
 def test_prompt_longer_than_context(haiku: Phi3) -> None:
     ids = [1] + [450] * 5000
-    with pytest.raises(ContextLengthError, match=r"5001.*4096"):
+    with pytest.raises(ContextLengthError, match=r"5001.*4096") as caught:
         haiku.stream(ids)
+    assert (caught.value.prompt_tokens, caught.value.context_length) == (5001, 4096)
     # It is both a phi3 error and a bad argument.
     with pytest.raises(Phi3Error):
         haiku.stream(ids)

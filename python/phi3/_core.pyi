@@ -54,6 +54,11 @@ class Phi3Error(RuntimeError):
 class ModelFileError(Phi3Error):
     """The model file is not valid GGUF, or not a model phi3 can run."""
 
+    key: Optional[str]
+    """The metadata key at fault, where one is."""
+    tensor: Optional[str]
+    """The tensor at fault, where one is."""
+
 class TokenizerError(Phi3Error):
     """The vocabulary could not be built or used."""
 
@@ -64,7 +69,10 @@ class DownloadError(Phi3Error):
     """A model file could not be fetched from the hub or found in its cache."""
 
 class ContextLengthError(Phi3Error, ValueError):
-    """The prompt does not fit in the context; the message gives both lengths."""
+    """The prompt does not fit in the context."""
+
+    prompt_tokens: int
+    context_length: int
 
 class GrammarError(Phi3Error, ValueError):
     """A JSON schema, regular expression or grammar is invalid, unsupported or over a limit,

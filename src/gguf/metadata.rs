@@ -103,7 +103,7 @@ impl Metadata {
 
     fn require(&self, key: &str) -> Result<&Value> {
         self.get(key)
-            .ok_or_else(|| Error::unsupported(format!("missing metadata key '{key}'")))
+            .ok_or_else(|| Error::unsupported(format!("missing metadata key '{key}'")).at_key(key))
     }
 
     fn wrong_type(key: &str, want: &str, got: &Value) -> Error {
@@ -111,6 +111,7 @@ impl Metadata {
             "metadata key '{key}' should be {want}, found {}",
             got.type_name()
         ))
+        .at_key(key)
     }
 
     pub fn u64(&self, key: &str) -> Result<u64> {
@@ -190,6 +191,7 @@ impl Metadata {
                         "metadata key '{key}' item {i} should be a string, found {}",
                         v.type_name()
                     ))
+                    .at_key(key)
                 })
             })
             .collect()
@@ -204,5 +206,6 @@ fn bounded(key: &str, value: u64, max: usize) -> Result<usize> {
             Error::unsupported(format!(
                 "metadata key '{key}' is {value}, over the limit of {max}"
             ))
+            .at_key(key)
         })
 }

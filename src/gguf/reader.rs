@@ -175,12 +175,16 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
     let mut entries = BTreeMap::new();
     for i in 0..kv_count {
         let key = r.string(&format!("key #{i}"))?;
-        let value_type = r.u32(&format!("type of '{key}'"))?;
-        let value = r.value(value_type, &key, &format!("value of '{key}'"), 0)?;
+        let value_type = r
+            .u32(&format!("type of '{key}'"))
+            .map_err(|e| e.at_key(&key))?;
+        let value = r
+            .value(value_type, &key, &format!("value of '{key}'"), 0)
+            .map_err(|e| e.at_key(&key))?;
         if entries.insert(key.clone(), value).is_some() {
-            return Err(Error::invalid_gguf(format!(
-                "metadata key '{key}' appears twice"
-            )));
+            return Err(
+                Error::invalid_gguf(format!("metadata key '{key}' appears twice")).at_key(&key),
+            );
         }
     }
     let metadata = Metadata::new(entries);
@@ -199,6 +203,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
                 Error::invalid_gguf(format!(
                     "general.alignment {shown} is not a power of two between 8 and {MAX_ALIGNMENT}"
                 ))
+                .at_key("general.alignment")
             })?,
     };
 
@@ -207,60 +212,87 @@ pub fn parse(bytes: &[u8]) -> Result<GgufHeader> {
     let mut names = HashMap::with_capacity(tensor_count as usize);
     for i in 0..tensor_count {
         let name = r.string(&format!("name of tensor #{i}"))?;
-        if names.insert(name.clone(), ()).is_some() {
-            return Err(Error::invalid_gguf(format!(
-                "tensor '{name}' appears twice"
-            )));
-        }
-        let n_dims = r.u32(&format!("dimension count of tensor '{name}'"))?;
-        if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(Error::invalid_gguf(format!(
-                "tensor '{name}' has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
-            )));
-        }
-        let mut dims = Vec::with_capacity(n_dims as usize);
-        for d in 0..n_dims {
-            dims.push(r.u64(&format!("dimension {d} of tensor '{name}'"))?);
-        }
-        let type_id = r.u32(&format!("type of tensor '{name}'"))?;
-        let offset = r.u64(&format!("offset of tensor '{name}'"))?;
-        raw.push((name, dims, type_id, offset));
+        let info = tensor_info(&mut r, &name, &mut names).map_err(|e| e.at_tensor(&name))?;
+        raw.push((name, info.0, info.1, info.2));
     }
 
     let data_start = align_up(r.pos as u64, alignment);
     let file_len = bytes.len() as u64;
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, dims, type_id, offset) in raw {
-        let dtype = TensorType::from_id(type_id).ok_or_else(|| {
-            Error::unsupported(format!(
-                "tensor '{name}' has quantization type {type_id}, which phi3 does not support"
-            ))
-        })?;
-        let size = tensor_size(&name, &dims, dtype)?;
-        if offset % alignment != 0 {
-            return Err(Error::invalid_gguf(format!(
-                "tensor '{name}' offset {offset} is not a multiple of the alignment {alignment}"
-            )));
-        }
-        let start = data_start.checked_add(offset);
-        let end = start.and_then(|s| s.checked_add(size));
-        match (start, end) {
-            (Some(start), Some(end)) if end <= file_len => tensors.push(TensorInfo {
-                name,
-                dims: dims.iter().map(|&d| d as usize).collect(),
-                dtype,
-                offset: start as usize,
-                size_bytes: size as usize,
-            }),
-            _ => {
-                return Err(Error::invalid_gguf(format!(
-                    "tensor '{name}' ({size} bytes at data offset {offset}) runs past the end of \
-                     the file ({file_len} bytes): the file is truncated or corrupt"
-                )))
-            }
-        }
+        let info = locate(
+            &name, &dims, type_id, offset, alignment, data_start, file_len,
+        )
+        .map_err(|e| e.at_tensor(&name))?;
+        tensors.push(TensorInfo { name, ..info });
     }
     Ok(GgufHeader { metadata, tensors })
+}
+
+/// A tensor's dimensions, type id and offset, read after its `name`; a name seen before (in
+/// `names`) is refused.
+fn tensor_info(
+    r: &mut Reader,
+    name: &str,
+    names: &mut HashMap<String, ()>,
+) -> Result<(Vec<u64>, u32, u64)> {
+    if names.insert(name.to_string(), ()).is_some() {
+        return Err(Error::invalid_gguf(format!(
+            "tensor '{name}' appears twice"
+        )));
+    }
+    let n_dims = r.u32(&format!("dimension count of tensor '{name}'"))?;
+    if n_dims == 0 || n_dims > MAX_DIMS {
+        return Err(Error::invalid_gguf(format!(
+            "tensor '{name}' has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+        )));
+    }
+    let mut dims = Vec::with_capacity(n_dims as usize);
+    for d in 0..n_dims {
+        dims.push(r.u64(&format!("dimension {d} of tensor '{name}'"))?);
+    }
+    let type_id = r.u32(&format!("type of tensor '{name}'"))?;
+    let offset = r.u64(&format!("offset of tensor '{name}'"))?;
+    Ok((dims, type_id, offset))
+}
+
+/// Where a tensor's data lies, checked to be aligned and inside the file (its `name` left
+/// empty, for the caller to move in).
+fn locate(
+    name: &str,
+    dims: &[u64],
+    type_id: u32,
+    offset: u64,
+    alignment: u64,
+    data_start: u64,
+    file_len: u64,
+) -> Result<TensorInfo> {
+    let dtype = TensorType::from_id(type_id).ok_or_else(|| {
+        Error::unsupported(format!(
+            "tensor '{name}' has quantization type {type_id}, which phi3 does not support"
+        ))
+    })?;
+    let size = tensor_size(name, dims, dtype)?;
+    if !offset.is_multiple_of(alignment) {
+        return Err(Error::invalid_gguf(format!(
+            "tensor '{name}' offset {offset} is not a multiple of the alignment {alignment}"
+        )));
+    }
+    let start = data_start.checked_add(offset);
+    let end = start.and_then(|s| s.checked_add(size));
+    match (start, end) {
+        (Some(start), Some(end)) if end <= file_len => Ok(TensorInfo {
+            name: String::new(),
+            dims: dims.iter().map(|&d| d as usize).collect(),
+            dtype,
+            offset: start as usize,
+            size_bytes: size as usize,
+        }),
+        _ => Err(Error::invalid_gguf(format!(
+            "tensor '{name}' ({size} bytes at data offset {offset}) runs past the end of the \
+             file ({file_len} bytes): the file is truncated or corrupt"
+        ))),
+    }
 }
 
 fn tensor_size(name: &str, dims: &[u64], dtype: TensorType) -> Result<u64> {

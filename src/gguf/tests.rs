@@ -40,7 +40,10 @@ fn parse_err(bytes: &[u8]) -> String {
         Err(e) => e,
     };
     assert!(
-        matches!(err, Error::InvalidGguf(_) | Error::UnsupportedModel(_)),
+        matches!(
+            err,
+            Error::InvalidGguf { .. } | Error::UnsupportedModel { .. }
+        ),
         "{err:?}"
     );
     assert!(

@@ -358,7 +358,7 @@ fn gemm_argument_errors() {
         for dtype in [TensorType::Q8K, TensorType::Q2K, TensorType::BF16] {
             assert!(matches!(
                 gemm_at(level, dtype, w, 4, 256, &x, 3, &mut out),
-                Err(Error::UnsupportedModel(_))
+                Err(Error::UnsupportedModel { .. })
             ));
         }
         // Empty products.

@@ -403,7 +403,7 @@ fn argument_errors() {
         ] {
             assert!(matches!(
                 gemv_at(level, dtype, w, 4, 256, &x, &mut out),
-                Err(Error::UnsupportedModel(_))
+                Err(Error::UnsupportedModel { .. })
             ));
         }
         // Empty matrices.

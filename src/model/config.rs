@@ -42,13 +42,16 @@ impl Config {
             return Err(Error::unsupported(format!(
                 "general.architecture is '{arch}'; phi3 runs '{}' models only",
                 names::ARCH_PHI3
-            )));
+            ))
+            .at_key(names::GENERAL_ARCHITECTURE));
         }
         let key = |suffix: &str| hparams::key(arch, suffix);
         let positive = |suffix: &str, max: usize| -> Result<usize> {
             let v = md.usize_at_most(&key(suffix), max)?;
             if v == 0 {
-                return Err(Error::unsupported(format!("{} is 0", key(suffix))));
+                return Err(
+                    Error::unsupported(format!("{} is 0", key(suffix))).at_key(&key(suffix))
+                );
             }
             Ok(v)
         };
@@ -68,14 +71,16 @@ impl Config {
                 "{} = {head_count_kv} does not divide {} = {head_count}",
                 key(hparams::HEAD_COUNT_KV),
                 key(hparams::HEAD_COUNT)
-            )));
+            ))
+            .at_key(&key(hparams::HEAD_COUNT_KV)));
         }
         if embedding_length % head_count != 0 {
             return Err(Error::unsupported(format!(
                 "{} = {embedding_length} is not a multiple of {} = {head_count}",
                 key(hparams::EMBEDDING_LENGTH),
                 key(hparams::HEAD_COUNT)
-            )));
+            ))
+            .at_key(&key(hparams::EMBEDDING_LENGTH)));
         }
         let head_dim = embedding_length / head_count;
         let rope_dim = md
@@ -85,7 +90,8 @@ impl Config {
             return Err(Error::unsupported(format!(
                 "{} = {rope_dim} must be even and between 2 and the head size {head_dim}",
                 key(hparams::ROPE_DIMENSION_COUNT)
-            )));
+            ))
+            .at_key(&key(hparams::ROPE_DIMENSION_COUNT)));
         }
         let rms_eps = finite_positive(md, &key(hparams::RMS_EPSILON), None)?;
         let rope_freq_base = finite_positive(md, &key(hparams::ROPE_FREQ_BASE), Some(10_000.0))?;
@@ -133,9 +139,10 @@ fn finite_positive(md: &Metadata, key: &str, default: Option<f64>) -> Result<f64
         (None, None) => md.f64(key)?,
     };
     if !(value.is_finite() && value > 0.0) {
-        return Err(Error::unsupported(format!(
-            "{key} = {value} is not a positive finite number"
-        )));
+        return Err(
+            Error::unsupported(format!("{key} = {value} is not a positive finite number"))
+                .at_key(key),
+        );
     }
     // The model computes in f32: a value that overflows to inf or underflows to 0 there would
     // turn every activation into NaN.
@@ -143,7 +150,8 @@ fn finite_positive(md: &Metadata, key: &str, default: Option<f64>) -> Result<f64
     if !(single.is_finite() && single > 0.0) {
         return Err(Error::unsupported(format!(
             "{key} = {value} is out of the range of a positive f32"
-        )));
+        ))
+        .at_key(key));
     }
     Ok(value)
 }

@@ -142,6 +142,7 @@ impl Phi3Model {
 
         let embd_info = file.tensor(names::TOKEN_EMBD).ok_or_else(|| {
             Error::unsupported(format!("tensor '{}' is missing", names::TOKEN_EMBD))
+                .at_tensor(names::TOKEN_EMBD)
         })?;
         let vocab_size = match embd_info.dims.as_slice() {
             [cols, rows] if *cols == n_embd && *rows > 0 => *rows,
@@ -149,7 +150,8 @@ impl Phi3Model {
                 return Err(Error::unsupported(format!(
                     "tensor '{}' has shape {dims:?}, expected [{n_embd}, vocab]",
                     names::TOKEN_EMBD
-                )))
+                ))
+                .at_tensor(names::TOKEN_EMBD))
             }
         };
         let token_embedding = Arc::new(w.matmul(names::TOKEN_EMBD, n_embd, vocab_size)?);
@@ -201,7 +203,8 @@ impl Phi3Model {
             if let Some(i) = factors.iter().position(|&f| f <= 0.0) {
                 return Err(Error::unsupported(format!(
                     "tensor '{factors_name}' holds a non-positive factor at index {i}"
-                )));
+                ))
+                .at_tensor(factors_name));
             }
             Some(factors)
         } else {

@@ -22,6 +22,10 @@ impl<'a> WeightLoader<'a> {
 
     /// The tensor's info, checked to have `dims` (ggml order: innermost first).
     fn info(&self, name: &str, dims: &[usize]) -> Result<&'a TensorInfo> {
+        self.checked_info(name, dims).map_err(|e| e.at_tensor(name))
+    }
+
+    fn checked_info(&self, name: &str, dims: &[usize]) -> Result<&'a TensorInfo> {
         let info = self
             .file
             .tensor(name)
@@ -38,12 +42,16 @@ impl<'a> WeightLoader<'a> {
     /// A quantized (or float) matrix of `rows` outputs by `cols` inputs.
     pub fn matmul(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
         let info = self.info(name, &[cols, rows])?;
-        Linear::new(self.file, info, rows, cols)
+        Linear::new(self.file, info, rows, cols).map_err(|e| e.at_tensor(name))
     }
 
     /// A 1-D float vector (norm weights, RoPE factors), converted to f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        let info = self.info(name, &[len])?;
+        self.float_vector(name, len).map_err(|e| e.at_tensor(name))
+    }
+
+    fn float_vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let info = self.checked_info(name, &[len])?;
         let bytes = self.file.tensor_data(info);
         let values: Vec<f32> = match info.dtype {
             TensorType::F32 => bytes

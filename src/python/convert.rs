@@ -9,9 +9,6 @@ use crate::chat_template::Message;
 use crate::engine::Prompt;
 use crate::gguf::Value;
 
-/// Roles a chat message may have.
-const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-
 pub fn prompt(obj: &Bound<'_, PyAny>, raw: bool) -> PyResult<Prompt> {
     if let Ok(text) = obj.cast::<PyString>() {
         let text: String = text.extract()?;
@@ -100,15 +97,8 @@ fn message(item: &Bound<'_, PyAny>, index: usize) -> PyResult<Message> {
             ))
         })
     };
-    let role = field("role")?;
-    if !ROLES.contains(&role.as_str()) {
-        return Err(PyValueError::new_err(format!(
-            "messages[{index}]['role'] is '{role}'; expected one of {}",
-            ROLES.join(", ")
-        )));
-    }
     Ok(Message {
-        role,
+        role: field("role")?,
         content: field("content")?,
     })
 }

@@ -2,12 +2,12 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
-use crate::error::Error;
+use crate::error::{Culprit, Error};
 
 pyo3::create_exception!(
     phi3,
@@ -19,7 +19,7 @@ pyo3::create_exception!(
     phi3,
     ModelFileError,
     Phi3Error,
-    "The model file is not valid GGUF, or not a model phi3 can run; the message names the key or tensor."
+    "The model file is not valid GGUF, or not a model phi3 can run; `key` or `tensor` names what is at fault, where one is."
 );
 pyo3::create_exception!(
     phi3,
@@ -72,7 +72,7 @@ fn context_length_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
         py,
         &CONTEXT_LENGTH_ERROR,
         "ContextLengthError",
-        "The prompt does not fit in the context; the message gives both lengths.",
+        "The prompt does not fit in the context (`prompt_tokens`, `context_length`).",
     )
 }
 
@@ -103,13 +103,37 @@ pub fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
     let msg = err.to_string();
     match err {
         Error::FileNotFound(_) => PyFileNotFoundError::new_err(msg),
-        Error::Io { .. } | Error::InvalidGguf(_) | Error::UnsupportedModel(_) => {
-            ModelFileError::new_err(msg)
+        // As polars maps them: a failed read is the OS's error, not the model's.
+        Error::Io { source, .. } => match source.raw_os_error() {
+            Some(errno) => PyOSError::new_err((errno, msg)),
+            None => PyOSError::new_err(msg),
+        },
+        Error::InvalidGguf { ref at, .. } | Error::UnsupportedModel { ref at, .. } => {
+            let (key, tensor) = match at {
+                Some(Culprit::Key(k)) => (Some(k.as_str()), None),
+                Some(Culprit::Tensor(t)) => (None, Some(t.as_str())),
+                None => (None, None),
+            };
+            with_attributes(
+                py,
+                ModelFileError::new_err(msg),
+                &[("key", key), ("tensor", tensor)],
+            )
         }
         Error::Tokenizer(_) => TokenizerError::new_err(msg),
         Error::ChatTemplate(_) => ChatTemplateError::new_err(msg),
-        Error::ContextOverflow { .. } => match context_length_error(py) {
-            Ok(class) => PyErr::from_type(class.clone(), msg),
+        Error::ContextOverflow {
+            prompt_tokens,
+            context_length,
+        } => match context_length_error(py) {
+            Ok(class) => with_attributes(
+                py,
+                PyErr::from_type(class.clone(), msg),
+                &[
+                    ("prompt_tokens", Some(prompt_tokens)),
+                    ("context_length", Some(context_length)),
+                ],
+            ),
             Err(e) => e,
         },
         Error::Grammar(_) => match grammar_error(py) {
@@ -120,6 +144,21 @@ pub fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
         Error::Hub(_) => DownloadError::new_err(msg),
         Error::Compute(_) | Error::Internal(_) => Phi3Error::new_err(msg),
     }
+}
+
+/// `err` with `attributes` set on its instance (`None` as Python's `None`), so that callers
+/// read what was at fault without parsing the message.
+fn with_attributes<'py, T>(py: Python<'py>, err: PyErr, attributes: &[(&str, Option<T>)]) -> PyErr
+where
+    T: IntoPyObject<'py> + Copy,
+{
+    let value = err.value(py);
+    for (name, v) in attributes {
+        if let Err(e) = value.setattr(*name, *v) {
+            return e;
+        }
+    }
+    err
 }
 
 /// Runs `work` without the GIL, so other Python threads go on, and turns a panic into a
