@@ -77,30 +77,35 @@ fn attend_one_as<T: KvElement>(
         .for_each(|(h, (out, q))| {
             let mut scores = vec![0f32; end - first];
             for (out, q) in out.chunks_exact_mut(d).zip(q.chunks_exact(d)) {
-                let mut j = 0;
-                let mut runs = cache.runs::<T>(layer, false, h, first, end).peekable();
-                while let Some(run) = runs.next() {
-                    if let Some(next) = runs.peek() {
-                        vector::prefetch(next);
-                    }
-                    let n = run.len() / row_len;
-                    T::scores(run, q, &mut scores[j..j + n]);
-                    j += n;
-                }
+                let keys = cache.runs::<T>(layer, false, h, first, end);
+                each_run(keys, row_len, |run, at| T::scores(run, q, &mut scores[at]));
                 vector::softmax(&mut scores, scale);
                 out.fill(0.0);
-                let mut j = 0;
-                let mut runs = cache.runs::<T>(layer, true, h, first, end).peekable();
-                while let Some(run) = runs.next() {
-                    if let Some(next) = runs.peek() {
-                        vector::prefetch(next);
-                    }
-                    let n = run.len() / row_len;
-                    T::weighted_sum(&scores[j..j + n], run, out);
-                    j += n;
-                }
+                let values = cache.runs::<T>(layer, true, h, first, end);
+                each_run(values, row_len, |run, at| {
+                    T::weighted_sum(&scores[at], run, out)
+                });
             }
         });
+}
+
+/// `f(run, rows)` for each run of `runs` (rows of `row_len` elements; `rows`: the run's rows
+/// counted from the first run's first), the next run's bytes asked for first.
+fn each_run<'a, T: 'a>(
+    runs: impl Iterator<Item = &'a [T]>,
+    row_len: usize,
+    mut f: impl FnMut(&'a [T], std::ops::Range<usize>),
+) {
+    let mut runs = runs.peekable();
+    let mut j = 0;
+    while let Some(run) = runs.next() {
+        if let Some(next) = runs.peek() {
+            vector::prefetch(next);
+        }
+        let n = run.len() / row_len;
+        f(run, j..j + n);
+        j += n;
+    }
 }
 
 /// Query positions per task of [`attend_chunk`]: a task converts the keys and values its
