@@ -260,45 +260,8 @@ pub fn find(level: CpuLevel, tensor_type: TensorType) -> Result<&'static Kernels
 }
 
 impl Kernels {
-    /// `out[r] = dot(row r of W, x)` for `r in 0..rows` (the model calls `gemm`, which takes
-    /// this path for one row).
-    ///
-    /// `weights`: the raw GGUF bytes of a `(rows, cols)` matrix of this type (ggml dims
-    /// `[cols, rows]`), aligned to [`align`](Self::align) (GGUF data always is).
-    #[cfg(test)]
-    pub fn gemv(
-        &self,
-        weights: &[u8],
-        rows: usize,
-        cols: usize,
-        x: &[f32],
-        out: &mut [f32],
-    ) -> Result<()> {
-        if x.len() != cols {
-            return Err(Error::invalid_argument(format!(
-                "x: length {} but the matrix has {cols} columns",
-                x.len()
-            )));
-        }
-        if out.len() != rows {
-            return Err(Error::invalid_argument(format!(
-                "out: length {} but the matrix has {rows} rows",
-                out.len()
-            )));
-        }
-        let bpr = self.blocks_per_row(weights, rows, cols)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        if cols == 0 {
-            out.fill(0.0);
-            return Ok(());
-        }
-        // SAFETY: `find` hands out entries only for levels this CPU has.
-        unsafe { (self.gemv)(weights, bpr, x, out) }
-    }
-
-    /// `out[i * rows + r] = dot(row r of W, row i of x)` for `i in 0..n`, `r in 0..rows`.
+    /// `out[i * rows + r] = dot(row r of W, row i of x)` for `i in 0..n`, `r in 0..rows`
+    /// (for one row, the gemv kernels).
     ///
     /// `weights`: the raw GGUF bytes of a `(rows, cols)` matrix of this type (ggml dims
     /// `[cols, rows]`), aligned to [`align`](Self::align) (GGUF data always is); `x`: `n` rows of
@@ -388,7 +351,7 @@ impl Kernels {
     }
 }
 
-/// [`Kernels::gemv`] after its checks.
+/// [`Kernels::gemm`] after its checks, for one row.
 ///
 /// # Safety
 /// The CPU has `L`'s features.

@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::gguf::TensorType;
 use crate::model::linear::candle_type;
 
-/// [`Kernels::gemv`] of the entry for `tensor_type` at `level`.
+/// `out[r] = dot(row r of W, x)`: [`Kernels::gemm`] of one row, through the entry for
+/// `tensor_type` at `level`.
 pub(super) fn gemv_at(
     level: CpuLevel,
     tensor_type: TensorType,
@@ -20,7 +21,7 @@ pub(super) fn gemv_at(
     x: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
-    find(level, tensor_type)?.gemv(weights, rows, cols, x, out)
+    find(level, tensor_type)?.gemm(weights, rows, cols, x, 1, out)
 }
 
 /// [`Kernels::gemm`] of the entry for `tensor_type` at `level`.

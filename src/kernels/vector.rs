@@ -49,14 +49,10 @@ pub fn weighted_sum_f16(weights: &[f32], values: &[f16], out: &mut [f32]) {
 /// prefetchers stop.
 pub fn prefetch<T>(items: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = items.as_ptr().cast::<i8>();
-        for line in (0..size_of_val(items)).step_by(64) {
-            // SAFETY: a hint that never faults; the address lies within `items`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line)) };
-        }
-    }
+    // SAFETY: every x86_64 CPU has SSE.
+    unsafe {
+        super::x86::prefetch_slice(items)
+    };
 }
 
 /// [`scores_f16`] over rows of Q8_0 blocks (`q.len() / 32` a row): each block's products
@@ -109,6 +105,7 @@ mod avx2 {
     use half::f16;
 
     use crate::kernels::blocks::{BlockQ8_0, QK8_0};
+    use crate::kernels::x86::avx2::hsum_ps;
 
     /// Keys whose sums are reduced together.
     const KEYS: usize = 4;
@@ -191,11 +188,7 @@ mod avx2 {
             for c in (0..d8).step_by(8) {
                 acc = dot8(rows(k), c, acc);
             }
-            let zero = _mm256_setzero_ps();
-            let mut four = [0f32; KEYS];
-            // SAFETY: as above.
-            unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums4([acc, zero, zero, zero])) };
-            *score = four[0] + tail(rows(k));
+            *score = hsum_ps(acc) + tail(rows(k));
         }
     }
 

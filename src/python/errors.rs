@@ -101,15 +101,15 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 pub fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
     let msg = err.to_string();
-    match err {
+    match &err {
         Error::FileNotFound(_) => PyFileNotFoundError::new_err(msg),
         // As polars maps them: a failed read is the OS's error, not the model's.
         Error::Io { source, .. } => match source.raw_os_error() {
             Some(errno) => PyOSError::new_err((errno, msg)),
             None => PyOSError::new_err(msg),
         },
-        Error::InvalidGguf { ref at, .. } | Error::UnsupportedModel { ref at, .. } => {
-            let (key, tensor) = match at {
+        Error::InvalidGguf { .. } | Error::UnsupportedModel { .. } => {
+            let (key, tensor) = match err.culprit() {
                 Some(Culprit::Key(k)) => (Some(k.as_str()), None),
                 Some(Culprit::Tensor(t)) => (None, Some(t.as_str())),
                 None => (None, None),
@@ -130,8 +130,8 @@ pub fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
                 py,
                 PyErr::from_type(class.clone(), msg),
                 &[
-                    ("prompt_tokens", Some(prompt_tokens)),
-                    ("context_length", Some(context_length)),
+                    ("prompt_tokens", Some(*prompt_tokens)),
+                    ("context_length", Some(*context_length)),
                 ],
             ),
             Err(e) => e,

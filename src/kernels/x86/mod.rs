@@ -71,16 +71,23 @@ const PREFETCH_BYTES: usize = 2048;
 #[inline]
 #[target_feature(enable = "sse")]
 pub(super) fn prefetch_ahead<T>(block: &T) {
-    prefetch_slice_ahead(std::slice::from_ref(block));
+    let start = std::ptr::from_ref(block).cast::<i8>();
+    prefetch_bytes(start.wrapping_add(PREFETCH_BYTES), size_of::<T>());
 }
 
-/// [`prefetch_ahead`] for the bytes of `items`.
+/// Asks for the bytes of `items` themselves.
 #[inline]
 #[target_feature(enable = "sse")]
-pub(super) fn prefetch_slice_ahead<T>(items: &[T]) {
-    let at = items.as_ptr().cast::<i8>().wrapping_add(PREFETCH_BYTES);
-    for line in (0..size_of_val(items)).step_by(64) {
+pub(crate) fn prefetch_slice<T>(items: &[T]) {
+    prefetch_bytes(items.as_ptr().cast(), size_of_val(items));
+}
+
+/// Asks for the cache lines of the `len` bytes from `start`.
+#[inline]
+#[target_feature(enable = "sse")]
+fn prefetch_bytes(start: *const i8, len: usize) {
+    for line in (0..len).step_by(64) {
         // A hint that never faults, whatever the address.
-        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line));
+        _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line));
     }
 }
