@@ -36,6 +36,9 @@ pub struct EngineOptions {
     pub max_batch: Option<usize>,
     /// How KV caches store keys and values (default f16).
     pub kv_cache: KvType,
+    /// Leave the weights in the file's memory map, not repacked for the kernels (default:
+    /// repacked where that is faster).
+    pub mapped_weights: bool,
 }
 
 /// What a generation starts from.
@@ -97,14 +100,15 @@ impl Engine {
             Some(source) => ChatTemplate::new(source, &bos, &eos)?,
             None => ChatTemplate::phi3_default(&bos, &eos),
         };
-        // The weights stay in the file's memory map, faulted in by the first prompt: a copy into
-        // memory of our own (on huge pages) measured no faster per token on Phi-3-mini and cost
-        // seconds of load where the OS had to find the memory first; populating the map, here or
-        // on a thread of its own, measured no faster to the first token. Loaded on the calling
-        // thread, so what is copied (norms, RoPE tables, weights of types without a kernel of
-        // ours) lives in its malloc arena, which `ReleaseMemoryOnDrop` trims when the model goes.
-        let model =
-            Phi3Model::load(&file, options.context_length)?.with_kv_type(options.kv_cache)?;
+        // Matrices the kernels run faster on interleaved (Q4_K at avx512vnni) are copied so at
+        // load; the rest stay in the file's memory map, faulted in by the first prompt: a plain
+        // copy (on huge pages) measured no faster per token on Phi-3-mini, and populating the
+        // map, here or on a thread of its own, no faster to the first token. Loaded on the
+        // calling thread, so what is copied (norms, RoPE tables, weights of types without a
+        // kernel of ours) lives in its malloc arena, which `ReleaseMemoryOnDrop` trims when the
+        // model goes (the repacked matrices are maps of their own, returned when dropped).
+        let model = Phi3Model::load_with(&file, options.context_length, !options.mapped_weights)?
+            .with_kv_type(options.kv_cache)?;
         if tokenizer.vocab_size() > model.vocab_size() {
             return Err(Error::unsupported(format!(
                 "the tokenizer has {} tokens but '{}' only {} rows",

@@ -24,6 +24,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         choices=("f16", "q8_0"),
         help="how the KV cache stores keys and values (default f16; q8_0 takes 53%% of the memory)",
     )
+    p.add_argument(
+        "--mapped-weights",
+        action="store_true",
+        help="leave the weights in the file's memory map (loads at once, slower Q4_K on AVX-512 CPUs)",
+    )
 
 
 def _sampling_flags(p: argparse.ArgumentParser, serve: bool) -> None:
@@ -122,6 +127,7 @@ def _load(args: argparse.Namespace, **options: Any) -> Phi3:
         threads=args.threads,
         context_length=args.context_length,
         kv_cache=args.kv_cache,
+        mapped_weights=args.mapped_weights,
         **options,
     )
 
@@ -189,6 +195,7 @@ def _serve_on_ray(args: argparse.Namespace, api_key: Optional[str], defaults: di
         "tokenizer": args.tokenizer,
         "context_length": args.context_length,
         "kv_cache": args.kv_cache,
+        "mapped_weights": args.mapped_weights,
         "max_batch": args.max_batch,
         "cache_bytes": args.cache_bytes,
     }

@@ -136,6 +136,36 @@ impl GgufFile {
     pub fn bytes(&self, range: Range<usize>) -> &[u8] {
         &self.mmap[range]
     }
+
+    /// Lets the whole pages within `range` leave this process's memory, once their bytes have
+    /// been copied elsewhere (the pages stay in the page cache; reading them again would fault
+    /// them back in). A hint: where the system refuses, the pages merely stay.
+    pub fn release(&self, range: Range<usize>) {
+        #[cfg(unix)]
+        {
+            let page = page_size();
+            let start = range.start.next_multiple_of(page);
+            let end = range.end.min(self.mmap.len()) / page * page;
+            if start < end {
+                // SAFETY: the map is read-only and file-backed, so dropping its pages loses
+                // nothing: a later read faults in the file's bytes again.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096).max(1)
 }
 
 /// Parses a GGUF header from the whole file's bytes.

@@ -1209,7 +1209,7 @@ fn float_tensors_of_odd_sizes_load() {
         assert_eq!(t.offset % 32, 0, "{}", t.name);
         assert_eq!(file.tensor_data(t).len(), t.size_bytes);
     }
-    let w = WeightLoader::new(&file);
+    let w = WeightLoader::new(&file, true);
     assert_eq!(w.vector("h", 3).unwrap(), vec![1.0; 3]);
     assert!(w.matmul("b", 3, 1).is_ok());
     assert!(w.matmul("f", 1, 3).is_ok());

@@ -100,7 +100,7 @@ mod tests {
             let random = random_blocks(&mut rng, dtype, cols / dtype.block_size());
             for bytes in [quantized.bytes(), random.bytes()] {
                 let mut got = vec![0f32; cols];
-                kernels.dequantize_row(bytes, &mut got).unwrap();
+                kernels.dequantize_row(bytes, 1, 0, &mut got).unwrap();
                 let want = candle_row(dtype, bytes, cols);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
@@ -117,9 +117,12 @@ mod tests {
         let mut out = vec![0f32; 256];
         let kernels = |t| find(CpuLevel::Scalar, t).unwrap();
         let q4k = kernels(TensorType::Q4K);
-        assert!(q4k.dequantize_row(&[0u8; 100], &mut out).is_err());
+        assert!(q4k.dequantize_row(&[0u8; 100], 1, 0, &mut out).is_err());
+        assert!(q4k.dequantize_row(&[0u8; 144], 1, 1, &mut out).is_err());
         let q8_0 = kernels(TensorType::Q8_0);
-        assert!(q8_0.dequantize_row(&[0u8; 34], &mut out[..33]).is_err());
+        assert!(q8_0
+            .dequantize_row(&[0u8; 34], 1, 0, &mut out[..33])
+            .is_err());
         // A type without kernels has no entry to dequantize through.
         assert!(find(CpuLevel::Scalar, TensorType::Q2K).is_err());
     }

@@ -36,7 +36,7 @@ mod x86_levels {
 
     use crate::kernels::blocks::*;
     use crate::kernels::panel;
-    use crate::kernels::table::{LevelKernels, Panels};
+    use crate::kernels::table::{Interleaving, LevelKernels, Panels, Q4K_X16};
     use crate::kernels::tiling::{groups_par, prepared_groups_par, rows_par, SharedOut};
     use crate::kernels::x86::avx512_rows::Q8KRows;
     use crate::kernels::x86::{avx2, avx2_gemm, avx2_rows, avx512, avx512_gemm, avx512_rows};
@@ -102,12 +102,13 @@ mod x86_levels {
     /// ([`Q8KRows`]), and one row goes through the same kernel as a few, so that a stream's
     /// logits do not depend on whether other streams shared its pass.
     macro_rules! avx512_k_quant {
-        ($block:ty, $rows_dot:ident, $prepare:ident, $kind:ident, $v:literal) => {
+        ($block:ty, $rows_dot:ident, $prepare:ident, $kind:ident, $v:literal, $interleaved:expr) => {
             impl LevelKernels<$block> for Avx512Vnni {
                 const PANELS: Option<Panels<$block>> = Some(Panels {
                     min_rows: AVX512_PANELS_MIN_ROWS,
                     run: avx512_gemm::gemm::<panel::$kind, $v>,
                 });
+                const INTERLEAVED: Option<&'static Interleaving> = $interleaved;
                 unsafe fn dot(w: &[$block], y: &[BlockQ8K]) -> f32 {
                     let mut out = [0f32];
                     // SAFETY: the caller guarantees the features.
@@ -138,9 +139,9 @@ mod x86_levels {
             }
         };
     }
-    avx512_k_quant!(BlockQ4K, dot_q4k_rows, for_k4, Q4K, 8);
-    avx512_k_quant!(BlockQ5K, dot_q5k_rows, for_k4, Q5K, 8);
-    avx512_k_quant!(BlockQ6K, dot_q6k_rows, for_q6k, Q6K, 4);
+    avx512_k_quant!(BlockQ4K, dot_q4k_rows, for_k4, Q4K, 8, Some(&Q4K_X16));
+    avx512_k_quant!(BlockQ5K, dot_q5k_rows, for_k4, Q5K, 8, None);
+    avx512_k_quant!(BlockQ6K, dot_q6k_rows, for_q6k, Q6K, 4, None);
 
     /// The 32-value types at the avx512vnni level: gemv's dot for a few rows, panels for more.
     macro_rules! avx512_q32 {

@@ -17,6 +17,7 @@ pub mod attention;
 pub mod blocks;
 pub mod cpu_info;
 pub mod dequantize;
+pub mod interleaved;
 mod levels;
 #[cfg(target_arch = "x86_64")]
 mod panel;
@@ -38,7 +39,7 @@ use std::sync::OnceLock;
 use crate::error::{Error, Result};
 #[cfg(test)]
 pub use table::types;
-pub use table::{find, Kernels};
+pub use table::{find, Kernels, Layout};
 
 /// The instruction sets a kernel may use, in increasing order.
 ///

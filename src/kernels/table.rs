@@ -13,6 +13,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::*;
+use super::interleaved::{self, BlockQ4Kx16, Interleaved};
 use super::levels::Scalar;
 #[cfg(target_arch = "x86_64")]
 use super::levels::{Avx2, Avx512Vnni};
@@ -126,6 +127,9 @@ pub(crate) trait LevelKernels<T: WeightType> {
     /// [`few_rows`](Self::few_rows).
     const PANELS: Option<Panels<T>> = None;
 
+    /// A layout of the weights this level's kernels run faster on, made at load.
+    const INTERLEAVED: Option<&'static Interleaving> = None;
+
     /// One weight row against one activation row.
     ///
     /// # Safety
@@ -166,9 +170,34 @@ pub struct Kernels {
     pub packed_min_rows: usize,
     /// The alignment the weights' bytes need (their block's).
     pub align: usize,
+    /// How the weights' bytes are laid out: as the GGUF file stores them, or interleaved.
+    pub layout: Layout,
+    /// Where the weights run faster interleaved: the entry that takes them so, once
+    /// [`Interleaving::make`] has laid them out.
+    pub interleaved: Option<&'static Interleaving>,
     gemv: GemvFn,
     gemm: GemmFn,
-    dequantize: fn(&[u8], &mut [f32]) -> Result<()>,
+    /// `(weights, blocks per row, row, out)`, shapes checked.
+    dequantize: fn(&[u8], usize, usize, &mut [f32]) -> Result<()>,
+}
+
+/// The layout of a matrix's bytes that an entry takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Row after row of blocks, as in the file.
+    Stored,
+    /// Groups of `rows` rows, block k of every row of a group in one `block_bytes` block.
+    Interleaved { rows: usize, block_bytes: usize },
+}
+
+/// A faster layout for a weight type at a level, made when a model loads.
+pub struct Interleaving {
+    /// The entry that takes the interleaved bytes.
+    pub kernels: Kernels,
+    /// `(weights as stored, blocks per row)` -> the same matrix interleaved. The caller checks
+    /// the shape first ([`Kernels::blocks_per_row`] of the stored entry), and that the rows are
+    /// a multiple of the layout's group.
+    pub make: fn(&[u8], usize) -> Result<Interleaved>,
 }
 
 /// `(weights, blocks per row, x, out)`, shapes checked; the CPU must have the entry's level.
@@ -188,6 +217,8 @@ const fn entry<T: WeightType, L: LevelKernels<T>>(level: CpuLevel) -> Kernels {
             None => usize::MAX,
         },
         align: align_of::<T>(),
+        layout: Layout::Stored,
+        interleaved: L::INTERLEAVED,
         gemv: gemv::<T, L>,
         gemm: gemm::<T, L>,
         dequantize: dequantize_row::<T>,
@@ -311,25 +342,28 @@ impl Kernels {
         unsafe { (self.gemm)(weights, bpr, x, cols, n, &out) }
     }
 
-    /// `out` = the values of the blocks in `bytes` (one row of a matrix of this type, as many
-    /// values as `out` holds): the embedding lookup. The same at every level (scalar, in ggml's
-    /// order of operations, so the values are llama.cpp's).
-    pub fn dequantize_row(&self, bytes: &[u8], out: &mut [f32]) -> Result<()> {
-        let t = self.tensor_type;
-        let block = t.block_size();
-        let expected = (out.len() / block) * t.type_size();
-        if !out.len().is_multiple_of(block) || bytes.len() != expected {
+    /// `out` = the values of row `row` of `weights`, a matrix of `rows` rows of `out.len()`
+    /// values in this entry's layout: the embedding lookup. The same at every level (scalar,
+    /// in ggml's order of operations, so the values are llama.cpp's).
+    pub fn dequantize_row(
+        &self,
+        weights: &[u8],
+        rows: usize,
+        row: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let bpr = self.blocks_per_row(weights, rows, out.len())?;
+        if row >= rows {
             return Err(Error::invalid_argument(format!(
-                "dequantize: {} bytes for {} {t:?} values (expected {expected})",
-                bytes.len(),
-                out.len()
+                "row {row} of a matrix of {rows}"
             )));
         }
-        (self.dequantize)(bytes, out)
+        (self.dequantize)(weights, bpr, row, out)
     }
 
-    /// Checks that `weights` holds a `rows` x `cols` matrix of this type; its blocks per row.
-    fn blocks_per_row(&self, weights: &[u8], rows: usize, cols: usize) -> Result<usize> {
+    /// Checks that `weights` holds a `rows` x `cols` matrix of this type in this entry's
+    /// layout; its blocks per row.
+    pub fn blocks_per_row(&self, weights: &[u8], rows: usize, cols: usize) -> Result<usize> {
         let t = self.tensor_type;
         let block = t.block_size();
         if !cols.is_multiple_of(block) {
@@ -337,9 +371,23 @@ impl Kernels {
                 "cols: {cols} is not a multiple of {t:?}'s block size {block}"
             )));
         }
-        let expected = rows
-            .checked_mul(cols / block)
-            .and_then(|n| n.checked_mul(t.type_size()));
+        let (groups, group_bytes) = match self.layout {
+            Layout::Stored => (Some(rows), t.type_size()),
+            Layout::Interleaved {
+                rows: group,
+                block_bytes,
+            } => {
+                if !rows.is_multiple_of(group) {
+                    return Err(Error::invalid_argument(format!(
+                        "rows: {rows} is not a multiple of the {group} rows interleaved"
+                    )));
+                }
+                (Some(rows / group), block_bytes)
+            }
+        };
+        let expected = groups
+            .and_then(|g| g.checked_mul(cols / block))
+            .and_then(|n| n.checked_mul(group_bytes));
         if expected != Some(weights.len()) {
             return Err(Error::invalid_argument(format!(
                 "weights: {} bytes but a {rows}x{cols} {t:?} matrix takes {}",
@@ -390,7 +438,76 @@ unsafe fn gemm<T: WeightType, L: LevelKernels<T>>(
     Ok(())
 }
 
-fn dequantize_row<T: WeightType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    T::dequantize(cast_slice::<T>(bytes, "row")?, out);
+/// Q4_K at the avx512vnni level, 16 rows interleaved ([`BlockQ4Kx16`]): one kernel for every
+/// number of activation rows. Against the row-wise kernels and the panels, on Phi-3-mini-sized
+/// matrices streamed from memory (Zen 4, 2 threads, `interleaved::tests::timing`), ns per
+/// weight block and activation row: 1 row 4.5-6.3 against 5.3-8.7, 4 rows 2.4 against 3.6,
+/// 16 rows 1.23 against 1.54 (panels), 64 rows 0.95 against 1.15 (panels).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const Q4K_X16: Interleaving = Interleaving {
+    kernels: Kernels {
+        tensor_type: TensorType::Q4K,
+        level: CpuLevel::Avx512Vnni,
+        #[cfg(test)]
+        packed_min_rows: usize::MAX,
+        align: align_of::<BlockQ4Kx16>(),
+        layout: Layout::Interleaved {
+            rows: interleaved::ROWS,
+            block_bytes: size_of::<BlockQ4Kx16>(),
+        },
+        interleaved: None,
+        gemv: q4k_x16_gemv,
+        gemm: q4k_x16_gemm,
+        dequantize: q4k_x16_row,
+    },
+    make: q4k_x16_make,
+};
+
+#[cfg(target_arch = "x86_64")]
+fn q4k_x16_make(weights: &[u8], bpr: usize) -> Result<Interleaved> {
+    Interleaved::new(weights, bpr)
+}
+
+/// # Safety
+/// The CPU has the avx512vnni level.
+#[cfg(target_arch = "x86_64")]
+unsafe fn q4k_x16_gemv(weights: &[u8], bpr: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
+    let rows = out.len();
+    // SAFETY: the caller guarantees the features.
+    unsafe { q4k_x16_gemm(weights, bpr, x, x.len(), 1, &SharedOut::new(out, rows, 1)) }
+}
+
+/// # Safety
+/// The CPU has the avx512vnni level.
+#[cfg(target_arch = "x86_64")]
+unsafe fn q4k_x16_gemm(
+    weights: &[u8],
+    bpr: usize,
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    out: &SharedOut,
+) -> Result<()> {
+    let w = cast_slice::<BlockQ4Kx16>(weights, "weights")?;
+    let y = BlockQ4K::quantize_rows(x, cols);
+    // SAFETY: the caller guarantees the features.
+    unsafe { super::x86::avx512_x16::gemm(w, bpr, &y, n, out) };
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q4k_x16_row(weights: &[u8], bpr: usize, row: usize, out: &mut [f32]) -> Result<()> {
+    interleaved::dequantize_row(cast_slice(weights, "weights")?, bpr, row, out);
+    Ok(())
+}
+
+fn dequantize_row<T: WeightType>(
+    weights: &[u8],
+    bpr: usize,
+    row: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let w = cast_slice::<T>(weights, "weights")?;
+    T::dequantize(&w[row * bpr..(row + 1) * bpr], out);
     Ok(())
 }

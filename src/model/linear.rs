@@ -1,7 +1,9 @@
 //! A weight matrix and its products with activations.
 //!
 //! On x86_64, matrices of the types our kernels take stay where they are, in the GGUF file's
-//! memory map: loading copies nothing, and the pages are shared with the page cache. Other types
+//! memory map: loading copies nothing, and the pages are shared with the page cache. Where the
+//! level's kernels run faster on another layout (Q4_K at avx512vnni: 16 rows interleaved), the
+//! matrix is copied into it at load and its pages of the map are let go. Other types
 //! (Q2_K, Q3_K, Q5_0, BF16, ...), and every type on other CPUs, are copied into candle's
 //! quantized storage and multiplied by candle.
 
@@ -14,7 +16,8 @@ use candle_core::{Device, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo, TensorType};
-use crate::kernels::{self, Kernels};
+use crate::kernels::interleaved::Interleaved;
+use crate::kernels::{self, Kernels, Layout};
 
 /// Off x86_64 our kernels are only the scalar reference, and candle's NEON ones are faster.
 const OWN_KERNELS: bool = cfg!(target_arch = "x86_64");
@@ -31,6 +34,11 @@ enum Storage {
         data: Range<usize>,
         kernels: &'static Kernels,
     },
+    /// Copied out of the map into the layout the level's kernels run fastest on.
+    Interleaved {
+        weights: Interleaved,
+        kernels: &'static Kernels,
+    },
     Candle {
         tensor: Arc<QTensor>,
         matmul: QMatMul,
@@ -38,12 +46,14 @@ enum Storage {
 }
 
 impl Linear {
-    /// `tensor` of `file`, already checked to be a `(rows, cols)` matrix (ggml dims `[cols, rows]`).
+    /// `tensor` of `file`, already checked to be a `(rows, cols)` matrix (ggml dims `[cols, rows]`);
+    /// `repack`: copied into the level's faster layout where it has one.
     pub fn new(
         file: &Arc<GgufFile>,
         tensor: &TensorInfo,
         rows: usize,
         cols: usize,
+        repack: bool,
     ) -> Result<Self> {
         let own = OWN_KERNELS
             .then(|| kernels::find(kernels::level(), tensor.dtype).ok())
@@ -56,10 +66,24 @@ impl Linear {
                     tensor.name, tensor.offset
                 )));
             }
-            Storage::Mapped {
-                file: file.clone(),
-                data: tensor.data(),
-                kernels,
+            match kernels.interleaved {
+                Some(interleaving) if repack && groups_of(&interleaving.kernels, rows) => {
+                    let bytes = file.tensor_data(tensor);
+                    let bpr = kernels
+                        .blocks_per_row(bytes, rows, cols)
+                        .map_err(|e| e.at_tensor(&tensor.name))?;
+                    let weights = (interleaving.make)(bytes, bpr)?;
+                    file.release(tensor.data());
+                    Storage::Interleaved {
+                        weights,
+                        kernels: &interleaving.kernels,
+                    }
+                }
+                _ => Storage::Mapped {
+                    file: file.clone(),
+                    data: tensor.data(),
+                    kernels,
+                },
             }
         } else {
             let data = QStorage::from_data(
@@ -91,6 +115,9 @@ impl Linear {
                 let weights = file.bytes(data.clone());
                 kernels.gemm(weights, self.rows, self.cols, x, n, out)
             }
+            Storage::Interleaved { weights, kernels } => {
+                kernels.gemm(weights.bytes(), self.rows, self.cols, x, n, out)
+            }
             Storage::Candle { matmul, .. } => {
                 let x = Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?;
                 let y = matmul.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
@@ -98,6 +125,12 @@ impl Linear {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the matrix was copied into another layout at load.
+    #[cfg(test)]
+    pub fn is_repacked(&self) -> bool {
+        matches!(self.storage, Storage::Interleaved { .. })
     }
 
     /// Row `row` of the matrix, dequantized into `out` (`cols` values): an embedding lookup.
@@ -115,10 +148,9 @@ impl Linear {
                 file,
                 data,
                 kernels,
-            } => {
-                let row_bytes = data.len() / self.rows;
-                let bytes = &file.bytes(data.clone())[row * row_bytes..][..row_bytes];
-                kernels.dequantize_row(bytes, out)
+            } => kernels.dequantize_row(file.bytes(data.clone()), self.rows, row, out),
+            Storage::Interleaved { weights, kernels } => {
+                kernels.dequantize_row(weights.bytes(), self.rows, row, out)
             }
             Storage::Candle { tensor, .. } => {
                 let id = Tensor::new(&[row as u32], &Device::Cpu)?;
@@ -126,6 +158,14 @@ impl Linear {
                 Ok(())
             }
         }
+    }
+}
+
+/// Whether `rows` rows split into whole groups of an interleaved layout.
+fn groups_of(kernels: &Kernels, rows: usize) -> bool {
+    match kernels.layout {
+        Layout::Interleaved { rows: group, .. } => rows.is_multiple_of(group),
+        Layout::Stored => true,
     }
 }
 

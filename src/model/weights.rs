@@ -9,11 +9,13 @@ use crate::gguf::{GgufFile, TensorInfo, TensorType};
 
 pub struct WeightLoader<'a> {
     file: &'a Arc<GgufFile>,
+    /// Whether matrices are repacked where the kernels run faster so.
+    repack: bool,
 }
 
 impl<'a> WeightLoader<'a> {
-    pub fn new(file: &'a Arc<GgufFile>) -> Self {
-        Self { file }
+    pub fn new(file: &'a Arc<GgufFile>, repack: bool) -> Self {
+        Self { file, repack }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -42,7 +44,14 @@ impl<'a> WeightLoader<'a> {
     /// A quantized (or float) matrix of `rows` outputs by `cols` inputs.
     pub fn matmul(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
         let info = self.info(name, &[cols, rows])?;
-        Linear::new(self.file, info, rows, cols).map_err(|e| e.at_tensor(name))
+        Linear::new(self.file, info, rows, cols, self.repack).map_err(|e| e.at_tensor(name))
+    }
+
+    /// A matrix only looked up row by row (an embedding table that is not also the output):
+    /// never repacked, so that only the rows looked up are ever read.
+    pub fn table(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
+        let info = self.info(name, &[cols, rows])?;
+        Linear::new(self.file, info, rows, cols, false).map_err(|e| e.at_tensor(name))
     }
 
     /// A 1-D float vector (norm weights, RoPE factors), converted to f32.

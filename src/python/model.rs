@@ -170,7 +170,7 @@ fn openai<'py>(
 #[pymethods]
 impl PyPhi3 {
     #[new]
-    #[pyo3(signature = (model=None, *, filename=None, revision=None, tokenizer=None, threads=None, context_length=None, cache_bytes=None, max_batch=None, kv_cache=None))]
+    #[pyo3(signature = (model=None, *, filename=None, revision=None, tokenizer=None, threads=None, context_length=None, cache_bytes=None, max_batch=None, kv_cache=None, mapped_weights=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -183,6 +183,7 @@ impl PyPhi3 {
         cache_bytes: Option<i64>,
         max_batch: Option<i64>,
         kv_cache: Option<&str>,
+        mapped_weights: bool,
     ) -> PyResult<Self> {
         let options = EngineOptions {
             threads: at_least(threads, 1, "threads")?,
@@ -190,6 +191,7 @@ impl PyPhi3 {
             cache_bytes: at_least(cache_bytes, 0, "cache_bytes")?,
             max_batch: at_least(max_batch, 1, "max_batch")?,
             kv_cache: kv_type(kv_cache)?,
+            mapped_weights,
             tokenizer: None,
         };
         let source = model_source(model, filename, revision)?;
@@ -225,6 +227,7 @@ impl PyPhi3 {
         kwargs.set_item("cache_bytes", o.cache_bytes)?;
         kwargs.set_item("max_batch", o.max_batch)?;
         kwargs.set_item("kv_cache", o.kv_cache.name())?;
+        kwargs.set_item("mapped_weights", o.mapped_weights)?;
         let tokenizer = o.tokenizer.as_ref().map(|t| t.display().to_string());
         kwargs.set_item("tokenizer", tokenizer)?;
         let class = py.get_type::<Self>();
@@ -322,6 +325,12 @@ impl PyPhi3 {
     #[getter]
     fn kv_cache(&self) -> &'static str {
         self.engine.model().kv_type().name()
+    }
+
+    /// Whether the weights were left in the file's memory map (not repacked).
+    #[getter]
+    fn mapped_weights(&self) -> bool {
+        self.options.mapped_weights
     }
 
     /// Streams in the running batch now.

@@ -15,7 +15,17 @@ if TYPE_CHECKING:
 
 #: The keyword options that go to ``Phi3()``; a Predictor passes the others to ``generate()``.
 MODEL_OPTIONS = frozenset(
-    {"filename", "revision", "tokenizer", "threads", "context_length", "cache_bytes", "max_batch", "kv_cache"}
+    {
+        "filename",
+        "revision",
+        "tokenizer",
+        "threads",
+        "context_length",
+        "cache_bytes",
+        "max_batch",
+        "kv_cache",
+        "mapped_weights",
+    }
 )
 #: The columns a Predictor adds to each batch.
 OUTPUT_COLUMNS = ("answer", "prompt_tokens", "completion_tokens")

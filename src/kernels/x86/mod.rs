@@ -48,6 +48,7 @@ pub mod avx2_rows;
 pub mod avx512;
 pub mod avx512_gemm;
 pub mod avx512_rows;
+pub mod avx512_x16;
 pub mod pack;
 
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
