@@ -57,12 +57,14 @@ def measure_phi3(
     positions: list[int],
     overhead: bool,
     kv_cache: Optional[str] = None,
+    mapped_weights: bool = False,
 ) -> dict[str, Any]:
     from phi3 import Phi3, __version__, cpu_info
 
     warm_page_cache(model)
     t0 = time.perf_counter()
-    m = Phi3(model, threads=threads, context_length=max([2048, *[n + 64 for n in positions]]), kv_cache=kv_cache)
+    context = max([2048, *[n + 64 for n in positions]])
+    m = Phi3(model, threads=threads, context_length=context, kv_cache=kv_cache, mapped_weights=mapped_weights)
     load_s = time.perf_counter() - t0
 
     # Time to first token: a ~20-token chat prompt, through to the first sampled token.
@@ -98,6 +100,7 @@ def measure_phi3(
         "build": info["baseline"],
         "kernels": info["level"],
         "kv_cache": m.kv_cache,
+        "mapped_weights": m.mapped_weights,
         "model": os.path.basename(model),
         "threads": threads,
         "load_s": round(load_s, 3),
@@ -213,7 +216,8 @@ ROWS = [
 def engine_label(r: dict[str, Any]) -> str:
     if "build" in r:
         cache = f", {r['kv_cache']} cache" if r.get("kv_cache", "f16") != "f16" else ""
-        return f"{r['engine']} ({r['build']}, {r['kernels']}{cache})"
+        mapped = ", mapped weights" if r.get("mapped_weights") else ""
+        return f"{r['engine']} ({r['build']}, {r['kernels']}{cache}{mapped})"
     return str(r["engine"]) + (" no-repack" if r.get("no_repack") else "")
 
 
@@ -293,6 +297,7 @@ def main() -> None:
         help="phi3: also decode after prompts of these lengths (e.g. 100,3000)",
     )
     p.add_argument("--kv-cache", choices=("f16", "q8_0"), help="phi3: how the KV cache stores keys and values")
+    p.add_argument("--mapped-weights", action="store_true", help="phi3: leave the weights in the file's memory map")
     p.add_argument("--json", action="store_true", help="(internal) measure phi3 in this process")
     p.add_argument(
         "--no-stream-overhead", action="store_true", help="(internal) skip the stream() overhead measurement"
@@ -301,7 +306,14 @@ def main() -> None:
 
     if a.json:
         r = measure_phi3(
-            a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.positions, not a.no_stream_overhead, a.kv_cache
+            a.model,
+            a.threads,
+            a.prompt_tokens,
+            a.decode_tokens,
+            a.positions,
+            not a.no_stream_overhead,
+            a.kv_cache,
+            a.mapped_weights,
         )
         print(json.dumps(r))
         return
@@ -318,6 +330,7 @@ def main() -> None:
         *common,
         *(["--positions", ",".join(map(str, a.positions))] if a.positions else []),
         *(["--kv-cache", a.kv_cache] if a.kv_cache else []),
+        *(["--mapped-weights"] if a.mapped_weights else []),
     ]
     pythons = a.python or [sys.executable]
     file_bytes = os.path.getsize(a.model)

@@ -44,10 +44,10 @@ def user_message(turn: int) -> str:
     return "Tell me about " + " ".join(rng.choice(WORDS) for _ in range(110)) + "."
 
 
-def phi3_chat(model: str, threads: int, mode: str) -> list[float]:
+def phi3_chat(model: str, threads: int, mode: str, mapped: bool) -> list[float]:
     from phi3 import Phi3
 
-    m = Phi3(model, threads=threads, cache_bytes=0 if mode == "nopool" else None)
+    m = Phi3(model, threads=threads, cache_bytes=0 if mode == "nopool" else None, mapped_weights=mapped)
     options: dict[str, Any] = dict(max_tokens=ANSWER_TOKENS, temperature=0, ignore_eos=True)
     chat = m.chat("You are a helpful assistant.", **options) if mode == "chat" else None
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
@@ -118,10 +118,10 @@ def stream_prompt(i: int) -> str:
     return f"Write a short story about the {WORDS[i % len(WORDS)]} and the {WORDS[(3 * i + 1) % len(WORDS)]}."
 
 
-def phi3_streams(model: str, threads: int, counts: list[int], max_batch: int) -> list[float]:
+def phi3_streams(model: str, threads: int, counts: list[int], max_batch: int, mapped: bool) -> list[float]:
     from phi3 import Phi3
 
-    m = Phi3(model, threads=threads, max_batch=max_batch, cache_bytes=0)
+    m = Phi3(model, threads=threads, max_batch=max_batch, cache_bytes=0, mapped_weights=mapped)
 
     def one(i: int) -> int:
         stream = m.stream(stream_prompt(i), max_tokens=STREAM_TOKENS, temperature=0, ignore_eos=True)
@@ -162,14 +162,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         }
     if args.engine == "phi3-streams":
         return {
-            "batched_tok_s": phi3_streams(args.model, args.threads, counts, 8),
-            "one_at_a_time_tok_s": phi3_streams(args.model, args.threads, counts, 1),
+            "batched_tok_s": phi3_streams(args.model, args.threads, counts, 8, args.mapped_weights),
+            "one_at_a_time_tok_s": phi3_streams(args.model, args.threads, counts, 1, args.mapped_weights),
         }
-    return {"chat_ttft_s": phi3_chat(args.model, args.threads, args.engine.removeprefix("phi3-"))}
+    mode = args.engine.removeprefix("phi3-")
+    return {"chat_ttft_s": phi3_chat(args.model, args.threads, mode, args.mapped_weights)}
 
 
 def child(engine: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, args.model, "--threads", str(args.threads), "--streams", args.streams]
+    cmd += ["--mapped-weights"] if args.mapped_weights else []
     r = subprocess.run([*cmd, "--engine", engine], capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"conversations: {engine} failed:\n{r.stderr}")
@@ -182,6 +184,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--streams", default="1,2,4,8", help="comma-separated stream counts")
     p.add_argument("--no-llamacpp", action="store_true")
+    p.add_argument("--mapped-weights", action="store_true", help="phi3: leave the weights in the file's memory map")
     p.add_argument("--engine", help="(internal) measure one engine in this process")
     args = p.parse_args()
     if args.engine:
