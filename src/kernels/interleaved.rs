@@ -1,16 +1,19 @@
-//! Q4_K weights of 16 rows interleaved, made when a model loads (as ik_llama.cpp's `_R4`/`_R8`
-//! types are): block k of rows `16g..16g + 16` becomes one [`BlockQ4Kx16`]. A 512-bit vector
-//! then holds four quant bytes of each of the 16 rows, so `vpdpbusd` with one activation's four
-//! values broadcast adds into each row's own lane, and the sub-block scales apply to 16 rows with
-//! one multiply-add: no per-row folding of lanes, and no per-row scale work, whatever the number
-//! of activation rows (`x86::avx512_x16`). Lossless: [`BlockQ4Kx16::row`] gives back each row's
-//! block, byte for byte.
+//! K-quant weights of 16 rows interleaved, made when a model loads (as ik_llama.cpp's
+//! `_R4`/`_R8` types are): block k of rows `16g..16g + 16` becomes one [`BlockQ4Kx16`] or
+//! [`BlockQ6Kx16`]. A 512-bit vector then holds four quant bytes of each of the 16 rows, so
+//! `vpdpbusd` with one activation's four values broadcast adds into each row's own lane, and the
+//! sub-block scales apply to 16 rows with one multiply-add: no per-row folding of lanes, and no
+//! per-row scale work, whatever the number of activation rows (`x86::avx512_x16`). Lossless:
+//! `row(r)` gives back each row's block, byte for byte.
+
+use std::mem::MaybeUninit;
 
 use half::f16;
 use rayon::prelude::*;
 
-use super::blocks::{cast_slice, scale_min_k4, BlockQ4K, Pod, QK_K};
+use super::blocks::{cast_slice, scale_min_k4, BlockQ4K, BlockQ6K, Pod, QK_K};
 use super::dequantize;
+use super::panel::WeightRows;
 use crate::error::Result;
 
 /// Weight rows per interleaved group.
@@ -90,26 +93,173 @@ impl BlockQ4Kx16 {
     }
 }
 
-/// A matrix of Q4_K rows of `bpr` blocks (a multiple of [`ROWS`] rows) interleaved, group by
-/// group in parallel: group g's blocks lie back to back from `g * bpr`.
-pub fn interleave(w: &[BlockQ4K], bpr: usize) -> Vec<BlockQ4Kx16> {
-    assert!(bpr > 0 && w.len().is_multiple_of(bpr * ROWS));
-    let blocks = w.len() / ROWS;
-    let mut out = Vec::with_capacity(blocks);
-    huge_pages(out.spare_capacity_mut());
-    out.spare_capacity_mut()
-        .par_chunks_mut(bpr)
-        .zip(w.par_chunks_exact(bpr * ROWS))
-        .for_each(|(out, group)| {
-            let rows: [&[BlockQ4K]; ROWS] = std::array::from_fn(|r| &group[r * bpr..][..bpr]);
-            for (k, block) in out.iter_mut().enumerate() {
-                block.write(BlockQ4Kx16::new(&rows, k));
+/// Block k of 16 Q6_K rows: 16 x 210 bytes and 32 of padding (a whole number of lines).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ6Kx16 {
+    pub d: [f16; ROWS],
+    /// `scales[j][r]`: sub-block j's scale (16 values) in row r.
+    pub scales: [[i8; ROWS]; QK_K / 16],
+    /// `quants[8 h + l / 4][..][r]`, for l = 0, 4, .., 28: row r's `ql[64h + l..]`,
+    /// `ql[64h + 32 + l..]` and `qh[32h + l..]`, four bytes each: the bytes that values l,
+    /// 32 + l, 64 + l and 96 + l of half h (and the three after each) are made of, in the order
+    /// the kernel reads them.
+    pub quants: [[[[u8; 4]; ROWS]; 3]; QK_K / 16],
+    padding: [u8; 32],
+}
+
+/// Where `quants[t][i]` of a [`BlockQ6Kx16`] comes from: (`ql` or not, the byte offset).
+const fn q6k_source(t: usize, i: usize) -> (bool, usize) {
+    let (h, l) = (t / 8, 4 * (t % 8));
+    match i {
+        0 => (true, 64 * h + l),
+        1 => (true, 64 * h + 32 + l),
+        _ => (false, 32 * h + l),
+    }
+}
+
+const _: () = assert!(size_of::<BlockQ6Kx16>() == 3392);
+
+// SAFETY: as for BlockQ4Kx16 (the padding is a field of its own).
+unsafe impl Pod for BlockQ6Kx16 {}
+
+impl BlockQ6Kx16 {
+    /// Block k of the 16 rows `rows[r]`.
+    pub fn new(rows: &[&[BlockQ6K]; ROWS], k: usize) -> Self {
+        let mut b = Self {
+            d: [f16::ZERO; ROWS],
+            scales: [[0; ROWS]; QK_K / 16],
+            quants: [[[[0; 4]; ROWS]; 3]; QK_K / 16],
+            padding: [0; 32],
+        };
+        for (r, row) in rows.iter().enumerate() {
+            let src = &row[k];
+            b.d[r] = src.d;
+            for (j, &scale) in src.scales.iter().enumerate() {
+                b.scales[j][r] = scale;
             }
-        });
-    // SAFETY: the chunks of `bpr` cover all `blocks` slots (`w` holds `blocks * ROWS` blocks,
-    // asserted), and each was written above.
-    unsafe { out.set_len(blocks) };
-    out
+            for (t, step) in b.quants.iter_mut().enumerate() {
+                for (i, chunk) in step.iter_mut().enumerate() {
+                    let (ql, at) = q6k_source(t, i);
+                    let bytes = if ql { &src.ql[at..] } else { &src.qh[at..] };
+                    chunk[r].copy_from_slice(&bytes[..4]);
+                }
+            }
+        }
+        b
+    }
+
+    /// Row r's Q6_K block, as it was.
+    pub fn row(&self, r: usize) -> BlockQ6K {
+        let mut b = BlockQ6K {
+            ql: [0; QK_K / 2],
+            qh: [0; QK_K / 4],
+            scales: std::array::from_fn(|j| self.scales[j][r]),
+            d: self.d[r],
+        };
+        for (t, step) in self.quants.iter().enumerate() {
+            for (i, chunk) in step.iter().enumerate() {
+                let (ql, at) = q6k_source(t, i);
+                let bytes = if ql { &mut b.ql[at..] } else { &mut b.qh[at..] };
+                bytes[..4].copy_from_slice(&chunk[r]);
+            }
+        }
+        b
+    }
+}
+
+/// An interleaved block: 16 rows' blocks of type `Stored`.
+pub trait InterleavedBlock: Sync {
+    type Stored: Send + Sync;
+    /// Row r's block, as it was.
+    fn row(&self, r: usize) -> Self::Stored;
+}
+
+impl InterleavedBlock for BlockQ4Kx16 {
+    type Stored = BlockQ4K;
+    fn row(&self, r: usize) -> BlockQ4K {
+        BlockQ4Kx16::row(self, r)
+    }
+}
+
+impl InterleavedBlock for BlockQ6Kx16 {
+    type Stored = BlockQ6K;
+    fn row(&self, r: usize) -> BlockQ6K {
+        BlockQ6Kx16::row(self, r)
+    }
+}
+
+/// An interleaved matrix's rows made back one by one, for the stored type's panels.
+pub struct RowsOf<'w, X> {
+    pub w: &'w [X],
+    pub bpr: usize,
+}
+
+impl<X: InterleavedBlock> WeightRows<X::Stored> for RowsOf<'_, X> {
+    fn row<'a>(&'a self, r: usize, scratch: &'a mut Vec<X::Stored>) -> &'a [X::Stored] {
+        let group = &self.w[r / ROWS * self.bpr..][..self.bpr];
+        scratch.clear();
+        scratch.extend(group.iter().map(|b| b.row(r % ROWS)));
+        scratch
+    }
+}
+
+/// A 64-byte line: the unit an [`Interleaved`] matrix is allocated in, so that its blocks
+/// (a whole number of lines each) are aligned for the kernels' loads.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+/// A whole matrix interleaved, as the kernel table's entry for it takes it: group g's blocks
+/// lie back to back from `g * bpr`.
+pub struct Interleaved(Vec<Line>);
+
+impl Interleaved {
+    /// `weights`: the bytes of a matrix of Q4_K rows of `bpr` blocks, a multiple of [`ROWS`]
+    /// rows.
+    pub fn q4k(weights: &[u8], bpr: usize) -> Result<Self> {
+        let w: &[BlockQ4K] = cast_slice(weights, "weights")?;
+        Ok(Self::build(w, bpr, BlockQ4Kx16::new))
+    }
+
+    /// As [`q4k`](Self::q4k), for Q6_K.
+    pub fn q6k(weights: &[u8], bpr: usize) -> Result<Self> {
+        let w: &[BlockQ6K] = cast_slice(weights, "weights")?;
+        Ok(Self::build(w, bpr, BlockQ6Kx16::new))
+    }
+
+    /// Block k of every group made by `make(rows, k)`, group by group in parallel, into
+    /// memory asked to be on huge pages before it is first written.
+    fn build<B: Sync, X: Pod>(w: &[B], bpr: usize, make: fn(&[&[B]; ROWS], usize) -> X) -> Self {
+        const { assert!(size_of::<X>().is_multiple_of(64) && align_of::<X>() <= 64) };
+        assert!(bpr > 0 && w.len().is_multiple_of(bpr * ROWS));
+        let blocks = w.len() / ROWS;
+        let lines = blocks * size_of::<X>() / 64;
+        let mut out: Vec<Line> = Vec::with_capacity(lines);
+        huge_pages(out.spare_capacity_mut());
+        // SAFETY: the first `lines` lines of spare capacity hold exactly `blocks` X's: X is a
+        // whole number of lines and needs no more than a line's alignment (asserted above).
+        let slots: &mut [MaybeUninit<X>] = unsafe {
+            std::slice::from_raw_parts_mut(out.spare_capacity_mut().as_mut_ptr().cast(), blocks)
+        };
+        slots
+            .par_chunks_mut(bpr)
+            .zip(w.par_chunks_exact(bpr * ROWS))
+            .for_each(|(out, group)| {
+                let rows: [&[B]; ROWS] = std::array::from_fn(|r| &group[r * bpr..][..bpr]);
+                for (k, slot) in out.iter_mut().enumerate() {
+                    slot.write(make(&rows, k));
+                }
+            });
+        // SAFETY: every one of the `blocks` slots, all `lines` lines, was written above.
+        unsafe { out.set_len(lines) };
+        Self(out)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the lines are initialized bytes, and the slice covers exactly the Vec's.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), size_of_val(&self.0[..])) }
+    }
 }
 
 /// Asks for transparent huge pages under `buffer` before it is first written: fewer page
@@ -128,28 +278,16 @@ fn huge_pages<T>(buffer: &mut [T]) {
     }
 }
 
-/// A whole matrix interleaved, as the kernel table's entry for it takes it.
-pub struct Interleaved(Vec<BlockQ4Kx16>);
-
-impl Interleaved {
-    /// `weights`: the bytes of a matrix of `rows` Q4_K rows of `bpr` blocks, `rows` a
-    /// multiple of [`ROWS`] (checked by the caller).
-    pub fn new(weights: &[u8], bpr: usize) -> Result<Self> {
-        Ok(Self(interleave(cast_slice(weights, "weights")?, bpr)))
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the blocks are Pod (no padding), so their memory is initialized bytes, and
-        // the slice covers exactly the Vec's elements.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), size_of_val(&self.0[..])) }
-    }
+/// Row `row` of an interleaved Q4_K matrix of `bpr` blocks a row, dequantized into `out`.
+pub fn dequantize_q4k_row(w: &[BlockQ4Kx16], bpr: usize, row: usize, out: &mut [f32]) {
+    let blocks = RowsOf { w, bpr }.row(row, &mut Vec::new()).to_vec();
+    dequantize::each_block(&blocks, out, dequantize::q4k);
 }
 
-/// Row `row` of an interleaved matrix of `bpr` blocks a row, dequantized into `out`.
-pub fn dequantize_row(w: &[BlockQ4Kx16], bpr: usize, row: usize, out: &mut [f32]) {
-    let group = &w[row / ROWS * bpr..][..bpr];
-    let blocks: Vec<BlockQ4K> = group.iter().map(|b| b.row(row % ROWS)).collect();
-    dequantize::each_block(&blocks, out, dequantize::q4k);
+/// As [`dequantize_q4k_row`], for Q6_K.
+pub fn dequantize_q6k_row(w: &[BlockQ6Kx16], bpr: usize, row: usize, out: &mut [f32]) {
+    let blocks = RowsOf { w, bpr }.row(row, &mut Vec::new()).to_vec();
+    dequantize::each_block(&blocks, out, dequantize::q6k);
 }
 
 #[cfg(test)]
@@ -159,148 +297,114 @@ mod tests {
 
     use super::*;
     use crate::gguf::TensorType;
-    use crate::kernels::blocks::cast_slice;
     use crate::kernels::tests::random_blocks;
 
     #[test]
     fn interleaving_keeps_every_byte() {
         let bpr = 3;
-        let bytes = random_blocks(
-            &mut StdRng::seed_from_u64(7),
-            TensorType::Q4K,
-            2 * ROWS * bpr,
-        );
-        let w: &[BlockQ4K] = cast_slice(bytes.bytes(), "test").unwrap();
-        let x = interleave(w, bpr);
+        let mut rng = StdRng::seed_from_u64(7);
+        let q4k = random_blocks(&mut rng, TensorType::Q4K, 2 * ROWS * bpr);
+        let x = Interleaved::q4k(q4k.bytes(), bpr).unwrap();
+        let x: &[BlockQ4Kx16] = cast_slice(x.bytes(), "test").unwrap();
+        let w: &[BlockQ4K] = cast_slice(q4k.bytes(), "test").unwrap();
         assert_eq!(x.len(), 2 * bpr);
         for (i, original) in w.iter().enumerate() {
-            let (row, k) = (i / bpr, i % bpr);
-            let back = x[(row / ROWS) * bpr + k].row(row % ROWS);
-            assert_eq!(back.d, original.d);
-            assert_eq!(back.dmin, original.dmin);
-            assert_eq!(back.scales, original.scales, "block {i}");
-            assert_eq!(back.qs, original.qs);
+            let back = x[i / bpr / ROWS * bpr + i % bpr].row(i / bpr % ROWS);
+            assert_eq!(
+                (back.d, back.dmin, back.scales, back.qs),
+                (original.d, original.dmin, original.scales, original.qs),
+                "Q4_K block {i}"
+            );
+        }
+        let q6k = random_blocks(&mut rng, TensorType::Q6K, 2 * ROWS * bpr);
+        let x = Interleaved::q6k(q6k.bytes(), bpr).unwrap();
+        let x: &[BlockQ6Kx16] = cast_slice(x.bytes(), "test").unwrap();
+        let w: &[BlockQ6K] = cast_slice(q6k.bytes(), "test").unwrap();
+        for (i, original) in w.iter().enumerate() {
+            let back = x[i / bpr / ROWS * bpr + i % bpr].row(i / bpr % ROWS);
+            assert_eq!(
+                (back.d, back.scales, back.ql, back.qh),
+                (original.d, original.scales, original.ql, original.qh),
+                "Q6_K block {i}"
+            );
         }
     }
 
-    /// The AVX-512 kernel against the scalar reference on each row, for 1 to 4 activation rows;
-    /// and a row's result the same bit for bit whatever rows share its pass.
+    /// The interleaved entries of the kernel table: every row count against the scalar entry on
+    /// the stored matrix (Q6_K's panels from 32 rows included), each activation row the same
+    /// bit for bit in a batch as alone below the panels (so a stream's tokens do not depend on
+    /// its company), the embedding lookup the stored one's bit for bit, and shapes they cannot
+    /// take refused.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_kernel_matches_the_reference() {
-        use crate::kernels::blocks::{quantize_q8k, BlockQ8K};
-        use crate::kernels::tests::{assert_close_to_reference, randn};
-        use crate::kernels::{hardware_level, reference, CpuLevel};
-        if hardware_level() < CpuLevel::Avx512Vnni {
-            eprintln!("skipped: this CPU has no avx512vnni");
-            return;
-        }
-        let mut rng = StdRng::seed_from_u64(11);
-        let bpr = 12;
-        let bytes = random_blocks(&mut rng, TensorType::Q4K, ROWS * bpr);
-        let w: &[BlockQ4K] = cast_slice(bytes.bytes(), "test").unwrap();
-        let x = interleave(w, bpr);
-        let acts: Vec<Vec<BlockQ8K>> = (0..4)
-            .map(|_| quantize_q8k(&randn(&mut rng, 256 * bpr)))
-            .collect();
-        let alone: Vec<[f32; ROWS]> = acts
-            .iter()
-            .map(|a| {
-                let mut out = [[0f32; ROWS]];
-                // SAFETY: the CPU has avx512vnni (checked above).
-                unsafe { crate::kernels::x86::avx512_x16::dot_q4k_x16(&x, &[a], &mut out) };
-                out[0]
-            })
-            .collect();
-        for n in 1..=4 {
-            let ys: Vec<&[BlockQ8K]> = acts[..n].iter().map(|a| a.as_slice()).collect();
-            let mut out = vec![[0f32; ROWS]; n];
-            // SAFETY: as above.
-            unsafe { crate::kernels::x86::avx512_x16::dot_q4k_x16(&x, &ys, &mut out) };
-            for (p, row) in out.iter().enumerate() {
-                let want: Vec<f32> = (0..ROWS)
-                    .map(|r| reference::dot_q4k(&w[r * bpr..(r + 1) * bpr], ys[p]))
-                    .collect();
-                assert_close_to_reference(&format!("{n} rows, row {p}"), row, &want);
-                assert_eq!(row.map(f32::to_bits), alone[p].map(f32::to_bits));
-            }
-        }
-    }
-
-    /// The interleaved entry of the kernel table: every row count against the scalar entry on
-    /// the stored matrix, each activation row the same bit for bit in a batch as alone, the
-    /// embedding lookup the stored one's bit for bit, and shapes it cannot take refused.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn interleaved_entry_matches_the_stored_one() {
-        use crate::kernels::table::Q4K_X16;
+    fn interleaved_entries_match_the_stored_ones() {
         use crate::kernels::tests::{assert_close_to_reference, randn};
         use crate::kernels::{find, hardware_level, CpuLevel};
         if hardware_level() < CpuLevel::Avx512Vnni {
             eprintln!("skipped: this CPU has no avx512vnni");
             return;
         }
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let mut rng = StdRng::seed_from_u64(12);
-        let (rows, cols) = (3 * ROWS, 2 * QK_K);
-        let stored = random_blocks(&mut rng, TensorType::Q4K, rows * cols / QK_K);
-        let scalar = find(CpuLevel::Scalar, TensorType::Q4K).unwrap();
-        let x16 = &Q4K_X16.kernels;
-        let bpr = scalar.blocks_per_row(stored.bytes(), rows, cols).unwrap();
-        let weights = (Q4K_X16.make)(stored.bytes(), bpr).unwrap();
-        let w = weights.bytes();
-        for n in [1, 2, 3, 4, 5, 7, 13, 33, 40] {
-            let x = randn(&mut rng, n * cols);
-            let (mut got, mut want) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
-            x16.gemm(w, rows, cols, &x, n, &mut got).unwrap();
-            scalar
-                .gemm(stored.bytes(), rows, cols, &x, n, &mut want)
+        for dtype in [TensorType::Q4K, TensorType::Q6K] {
+            let (rows, cols) = (3 * ROWS, 2 * QK_K);
+            let stored = random_blocks(&mut rng, dtype, rows * cols / QK_K);
+            let scalar = find(CpuLevel::Scalar, dtype).unwrap();
+            let interleaving = find(CpuLevel::Avx512Vnni, dtype)
+                .unwrap()
+                .interleaved
                 .unwrap();
-            assert_close_to_reference(&format!("n {n}"), &got, &want);
-            for (i, (x, got)) in x.chunks(cols).zip(got.chunks(rows)).enumerate() {
-                let mut alone = vec![f32::NAN; rows];
-                x16.gemm(w, rows, cols, x, 1, &mut alone).unwrap();
-                assert_eq!(
-                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "n {n} row {i}"
-                );
+            let x16 = &interleaving.kernels;
+            let bpr = scalar.blocks_per_row(stored.bytes(), rows, cols).unwrap();
+            let weights = (interleaving.make)(stored.bytes(), bpr).unwrap();
+            let w = weights.bytes();
+            for n in [1, 2, 3, 4, 5, 7, 13, 33, 40] {
+                let x = randn(&mut rng, n * cols);
+                let (mut got, mut want) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
+                x16.gemm(w, rows, cols, &x, n, &mut got).unwrap();
+                scalar
+                    .gemm(stored.bytes(), rows, cols, &x, n, &mut want)
+                    .unwrap();
+                assert_close_to_reference(&format!("{dtype:?} n {n}"), &got, &want);
+                if n >= x16.packed_min_rows {
+                    continue;
+                }
+                for (i, (x, got)) in x.chunks(cols).zip(got.chunks(rows)).enumerate() {
+                    let mut alone = vec![f32::NAN; rows];
+                    x16.gemm(w, rows, cols, x, 1, &mut alone).unwrap();
+                    assert_eq!(bits(got), bits(&alone), "{dtype:?} n {n} row {i}");
+                }
             }
+            for row in [0, 17, rows - 1] {
+                let (mut got, mut want) = (vec![0f32; cols], vec![0f32; cols]);
+                x16.dequantize_row(w, rows, row, &mut got).unwrap();
+                scalar
+                    .dequantize_row(stored.bytes(), rows, row, &mut want)
+                    .unwrap();
+                assert_eq!(bits(&got), bits(&want), "{dtype:?} row {row}");
+            }
+            let x = randn(&mut rng, cols);
+            let mut out = vec![0f32; rows];
+            assert!(x16
+                .gemm(&w[..w.len() - 64], rows, cols, &x, 1, &mut out)
+                .is_err());
+            assert!(x16.gemm(w, rows - 1, cols, &x, 1, &mut out[1..]).is_err());
+            assert!(x16
+                .dequantize_row(w, rows, rows, &mut vec![0f32; cols])
+                .is_err());
         }
-        for row in [0, 17, rows - 1] {
-            let (mut got, mut want) = (vec![0f32; cols], vec![0f32; cols]);
-            x16.dequantize_row(w, rows, row, &mut got).unwrap();
-            scalar
-                .dequantize_row(stored.bytes(), rows, row, &mut want)
-                .unwrap();
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "row {row}"
-            );
-        }
-        let mut out = vec![0f32; rows - 1];
-        let x = randn(&mut rng, cols);
-        assert!(x16
-            .gemm(&w[..w.len() - 64], rows, cols, &x, 1, &mut out[..rows - 1])
-            .is_err());
-        assert!(x16.gemm(w, rows - 1, cols, &x, 1, &mut out).is_err());
-        assert!(x16
-            .dequantize_row(w, rows, rows, &mut vec![0f32; cols])
-            .is_err());
     }
 
-    /// Interleaved against the row-wise AVX-512 kernels, 1 to 4 activation rows, 2 threads: a
-    /// set of Phi-3-mini-sized matrices streamed from memory, and one resident in L3.
+    /// The interleaved entries against the stored ones at the avx512vnni level (row-wise
+    /// kernels below 12 rows, panels from 12), 2 threads: Phi-3-mini-sized matrices streamed
+    /// from memory, and one resident in L3. ns per weight block and activation row.
     /// `cargo test --release --lib interleaved::tests::timing -- --ignored --nocapture`
     #[cfg(target_arch = "x86_64")]
     #[test]
     #[ignore]
     fn timing() {
-        use rayon::prelude::*;
-
-        use crate::kernels::blocks::{quantize_q8k, BlockQ8K};
         use crate::kernels::tests::randn;
-        use crate::kernels::{find, hardware_level, CpuLevel};
+        use crate::kernels::{find, hardware_level, CpuLevel, Kernels};
         if hardware_level() < CpuLevel::Avx512Vnni {
             return;
         }
@@ -311,51 +415,34 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let cols = 3072;
         let bpr = cols / QK_K;
-        for (what, rows, reps) in [("memory", 16384 * 4, 5), ("L3", 8192, 40)] {
-            let bytes = random_blocks(&mut rng, TensorType::Q4K, rows * bpr);
-            let w: &[BlockQ4K] = cast_slice(bytes.bytes(), "test").unwrap();
-            let x = interleave(w, bpr);
-            let kernels = find(CpuLevel::Avx512Vnni, TensorType::Q4K).unwrap();
-            for n in [1, 2, 3, 4, 8, 16, 64] {
-                let xs = randn(&mut rng, n * cols);
-                let mut out = vec![0f32; n * rows];
-                let time = |f: &mut (dyn FnMut() + Send)| {
-                    (0..3)
-                        .map(|_| {
-                            let t = std::time::Instant::now();
-                            pool.install(|| (0..reps).for_each(|_| f()));
-                            t.elapsed().as_secs_f64() / (reps * rows * bpr / ROWS * ROWS) as f64
-                        })
-                        .fold(f64::MAX, f64::min)
-                };
-                let rowwise = time(&mut || {
-                    kernels
-                        .gemm(bytes.bytes(), rows, cols, &xs, n, &mut out)
-                        .unwrap()
-                });
-                let mut out16 = vec![[0f32; ROWS]; n * rows / ROWS];
-                let interleaved = time(&mut || {
-                    let acts: Vec<Vec<BlockQ8K>> = xs.chunks(cols).map(quantize_q8k).collect();
-                    let ys: Vec<&[BlockQ8K]> = acts.iter().map(|a| a.as_slice()).collect();
-                    out16
-                        .par_chunks_mut(2 * n)
-                        .zip(x.par_chunks(2 * bpr))
-                        .for_each(|(o, g)| {
-                            for (o, g) in o.chunks_mut(n).zip(g.chunks(bpr)) {
-                                for (o, ys) in o.chunks_mut(4).zip(ys.chunks(4)) {
-                                    // SAFETY: the CPU has avx512vnni (checked above).
-                                    unsafe {
-                                        crate::kernels::x86::avx512_x16::dot_q4k_x16(g, ys, o)
-                                    };
-                                }
-                            }
-                        });
-                });
-                println!(
-                    "{what}: {n} rows: row-wise {:.2} ns, interleaved {:.2} ns per weight block and row",
-                    rowwise * 1e9 / n as f64,
-                    interleaved * 1e9 / n as f64
-                );
+        for dtype in [TensorType::Q4K, TensorType::Q6K] {
+            let stored_entry = find(CpuLevel::Avx512Vnni, dtype).unwrap();
+            let interleaving = stored_entry.interleaved.unwrap();
+            for (what, rows, reps) in [("memory", 16384 * 4, 5), ("L3", 4096, 40)] {
+                let stored = random_blocks(&mut rng, dtype, rows * bpr);
+                let weights = (interleaving.make)(stored.bytes(), bpr).unwrap();
+                for n in [1, 2, 3, 4, 8, 16, 64] {
+                    let xs = randn(&mut rng, n * cols);
+                    let mut out = vec![0f32; n * rows];
+                    let mut time = |kernels: &Kernels, w: &[u8]| {
+                        (0..3)
+                            .map(|_| {
+                                let t = std::time::Instant::now();
+                                pool.install(|| {
+                                    for _ in 0..reps {
+                                        kernels.gemm(w, rows, cols, &xs, n, &mut out).unwrap();
+                                    }
+                                });
+                                t.elapsed().as_secs_f64() * 1e9 / (reps * rows * bpr * n) as f64
+                            })
+                            .fold(f64::MAX, f64::min)
+                    };
+                    let before = time(stored_entry, stored.bytes());
+                    let after = time(&interleaving.kernels, weights.bytes());
+                    println!(
+                        "{dtype:?} {what}: {n} rows: stored {before:.2} ns, interleaved {after:.2} ns"
+                    );
+                }
             }
         }
     }

@@ -35,8 +35,9 @@ mod x86_levels {
     use half::f16;
 
     use crate::kernels::blocks::*;
+    use crate::kernels::interleaved::{BlockQ4Kx16, BlockQ6Kx16};
     use crate::kernels::panel;
-    use crate::kernels::table::{Interleaving, LevelKernels, Panels, Q4K_X16};
+    use crate::kernels::table::{interleaving, Interleaving, LevelKernels, Panels};
     use crate::kernels::tiling::{groups_par, prepared_groups_par, rows_par, SharedOut};
     use crate::kernels::x86::avx512_rows::Q8KRows;
     use crate::kernels::x86::{avx2, avx2_gemm, avx2_rows, avx512, avx512_gemm, avx512_rows};
@@ -139,9 +140,23 @@ mod x86_levels {
             }
         };
     }
-    avx512_k_quant!(BlockQ4K, dot_q4k_rows, for_k4, Q4K, 8, Some(&Q4K_X16));
+    avx512_k_quant!(
+        BlockQ4K,
+        dot_q4k_rows,
+        for_k4,
+        Q4K,
+        8,
+        Some(&interleaving::<BlockQ4Kx16>())
+    );
     avx512_k_quant!(BlockQ5K, dot_q5k_rows, for_k4, Q5K, 8, None);
-    avx512_k_quant!(BlockQ6K, dot_q6k_rows, for_q6k, Q6K, 4, None);
+    avx512_k_quant!(
+        BlockQ6K,
+        dot_q6k_rows,
+        for_q6k,
+        Q6K,
+        4,
+        Some(&interleaving::<BlockQ6Kx16>())
+    );
 
     /// The 32-value types at the avx512vnni level: gemv's dot for a few rows, panels for more.
     macro_rules! avx512_q32 {

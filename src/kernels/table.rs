@@ -13,7 +13,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::*;
-use super::interleaved::{self, BlockQ4Kx16, Interleaved};
+use super::interleaved::{self, BlockQ4Kx16, BlockQ6Kx16, Interleaved};
 use super::levels::Scalar;
 #[cfg(target_arch = "x86_64")]
 use super::levels::{Avx2, Avx512Vnni};
@@ -438,49 +438,120 @@ unsafe fn gemm<T: WeightType, L: LevelKernels<T>>(
     Ok(())
 }
 
-/// Q4_K at the avx512vnni level, 16 rows interleaved ([`BlockQ4Kx16`]): one kernel for every
-/// number of activation rows. Against the row-wise kernels and the panels, on Phi-3-mini-sized
-/// matrices streamed from memory (Zen 4, 2 threads, `interleaved::tests::timing`), ns per
-/// weight block and activation row: 1 row 4.5-6.3 against 5.3-8.7, 4 rows 2.4 against 3.6,
-/// 16 rows 1.23 against 1.54 (panels), 64 rows 0.95 against 1.15 (panels).
+/// A weight type's blocks 16 rows interleaved, with its AVX-512 VNNI kernel: what an
+/// [`Interleaving`] is made of ([`interleaving`]).
 #[cfg(target_arch = "x86_64")]
-pub(crate) const Q4K_X16: Interleaving = Interleaving {
-    kernels: Kernels {
-        tensor_type: TensorType::Q4K,
-        level: CpuLevel::Avx512Vnni,
-        #[cfg(test)]
-        packed_min_rows: usize::MAX,
-        align: align_of::<BlockQ4Kx16>(),
-        layout: Layout::Interleaved {
-            rows: interleaved::ROWS,
-            block_bytes: size_of::<BlockQ4Kx16>(),
-        },
-        interleaved: None,
-        gemv: q4k_x16_gemv,
-        gemm: q4k_x16_gemm,
-        dequantize: q4k_x16_row,
-    },
-    make: q4k_x16_make,
-};
+pub(crate) trait Interleaved16: Pod {
+    const TYPE: TensorType;
+
+    /// The matrix as stored (`bpr` blocks a row), interleaved.
+    fn make(weights: &[u8], bpr: usize) -> Result<Interleaved>;
+
+    /// `out[p][r] = dot(row r of the group w, ys[p])`, 1 to 4 activation rows.
+    ///
+    /// # Safety
+    /// The CPU has the avx512vnni level.
+    unsafe fn dot(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; interleaved::ROWS]]);
+
+    /// Row `row` of the interleaved matrix `w` of `bpr` blocks a row, dequantized.
+    fn dequantize_row(w: &[Self], bpr: usize, row: usize, out: &mut [f32]);
+
+    /// From how many activation rows on the stored type's panels, fed rows made back from
+    /// the interleaved blocks, beat [`dot`](Self::dot), and those panels
+    /// (`(w, bpr, x, cols, n, out)`; the same safety).
+    const PANELS: Option<(usize, X16Panels<Self>)> = None;
+}
+
+/// The panels of an interleaved type: `(w, bpr, x, cols, n, out)`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) type X16Panels<X> = unsafe fn(&[X], usize, &[f32], usize, usize, &SharedOut);
 
 #[cfg(target_arch = "x86_64")]
-fn q4k_x16_make(weights: &[u8], bpr: usize) -> Result<Interleaved> {
-    Interleaved::new(weights, bpr)
+impl Interleaved16 for BlockQ4Kx16 {
+    const TYPE: TensorType = TensorType::Q4K;
+    fn make(weights: &[u8], bpr: usize) -> Result<Interleaved> {
+        Interleaved::q4k(weights, bpr)
+    }
+    unsafe fn dot(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; interleaved::ROWS]]) {
+        // SAFETY: the caller guarantees the features.
+        unsafe { super::x86::avx512_x16::dot_q4k_x16(w, ys, out) }
+    }
+    fn dequantize_row(w: &[Self], bpr: usize, row: usize, out: &mut [f32]) {
+        interleaved::dequantize_q4k_row(w, bpr, row, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Interleaved16 for BlockQ6Kx16 {
+    const TYPE: TensorType = TensorType::Q6K;
+    fn make(weights: &[u8], bpr: usize) -> Result<Interleaved> {
+        Interleaved::q6k(weights, bpr)
+    }
+    unsafe fn dot(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; interleaved::ROWS]]) {
+        // SAFETY: the caller guarantees the features.
+        unsafe { super::x86::avx512_x16::dot_q6k_x16(w, ys, out) }
+    }
+    fn dequantize_row(w: &[Self], bpr: usize, row: usize, out: &mut [f32]) {
+        interleaved::dequantize_q6k_row(w, bpr, row, out)
+    }
+    /// At 64 rows the panels take 1.19-1.31 ns per weight block and row, this type's kernel
+    /// 1.39-1.64; at 16, 1.65-1.85 against 1.59-1.85.
+    const PANELS: Option<(usize, X16Panels<Self>)> = Some((32, |w, bpr, x, cols, n, out| {
+        let rows = interleaved::RowsOf { w, bpr };
+        // SAFETY: the caller guarantees the features.
+        unsafe {
+            super::x86::avx512_gemm::gemm_rows::<super::panel::Q6K, 4>(&rows, bpr, x, cols, n, out)
+        }
+    }));
+}
+
+/// The avx512vnni entry for `X`'s interleaved matrices: one kernel for every number of
+/// activation rows. Against the stored layout's kernels (row-wise below 12 rows, panels from
+/// 12) on Phi-3-mini-sized matrices streamed from memory (Zen 4, 2 threads,
+/// `interleaved::tests::timing`), ns per weight block and activation row: see BENCHMARKS.md.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const fn interleaving<X: Interleaved16>() -> Interleaving {
+    Interleaving {
+        kernels: Kernels {
+            tensor_type: X::TYPE,
+            level: CpuLevel::Avx512Vnni,
+            #[cfg(test)]
+            packed_min_rows: match X::PANELS {
+                Some((from, _)) => from,
+                None => usize::MAX,
+            },
+            align: align_of::<X>(),
+            layout: Layout::Interleaved {
+                rows: interleaved::ROWS,
+                block_bytes: size_of::<X>(),
+            },
+            interleaved: None,
+            gemv: x16_gemv::<X>,
+            gemm: x16_gemm::<X>,
+            dequantize: x16_row::<X>,
+        },
+        make: X::make,
+    }
 }
 
 /// # Safety
 /// The CPU has the avx512vnni level.
 #[cfg(target_arch = "x86_64")]
-unsafe fn q4k_x16_gemv(weights: &[u8], bpr: usize, x: &[f32], out: &mut [f32]) -> Result<()> {
+unsafe fn x16_gemv<X: Interleaved16>(
+    weights: &[u8],
+    bpr: usize,
+    x: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
     let rows = out.len();
     // SAFETY: the caller guarantees the features.
-    unsafe { q4k_x16_gemm(weights, bpr, x, x.len(), 1, &SharedOut::new(out, rows, 1)) }
+    unsafe { x16_gemm::<X>(weights, bpr, x, x.len(), 1, &SharedOut::new(out, rows, 1)) }
 }
 
 /// # Safety
 /// The CPU has the avx512vnni level.
 #[cfg(target_arch = "x86_64")]
-unsafe fn q4k_x16_gemm(
+unsafe fn x16_gemm<X: Interleaved16>(
     weights: &[u8],
     bpr: usize,
     x: &[f32],
@@ -488,16 +559,27 @@ unsafe fn q4k_x16_gemm(
     n: usize,
     out: &SharedOut,
 ) -> Result<()> {
-    let w = cast_slice::<BlockQ4Kx16>(weights, "weights")?;
-    let y = BlockQ4K::quantize_rows(x, cols);
-    // SAFETY: the caller guarantees the features.
-    unsafe { super::x86::avx512_x16::gemm(w, bpr, &y, n, out) };
+    let w = cast_slice::<X>(weights, "weights")?;
+    match X::PANELS {
+        // SAFETY: the caller guarantees the features.
+        Some((from, panels)) if n >= from => unsafe { panels(w, bpr, x, cols, n, out) },
+        _ => {
+            let y = quantized_rows(x, cols, quantize_q8k);
+            // SAFETY: as above.
+            unsafe { super::x86::avx512_x16::gemm(w, bpr, &y, n, out, X::dot) };
+        }
+    }
     Ok(())
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q4k_x16_row(weights: &[u8], bpr: usize, row: usize, out: &mut [f32]) -> Result<()> {
-    interleaved::dequantize_row(cast_slice(weights, "weights")?, bpr, row, out);
+fn x16_row<X: Interleaved16>(
+    weights: &[u8],
+    bpr: usize,
+    row: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    X::dequantize_row(cast_slice(weights, "weights")?, bpr, row, out);
     Ok(())
 }
 

@@ -601,6 +601,78 @@ mod tests {
         check_against_llamacpp("tiny-phi4mini-gqa-partial-tied-q4_k_m.gguf");
     }
 
+    /// Decode steps of 1 and of 4 sequences on a real-sized model, repacked and mapped, taken
+    /// in turns so that the host's drift touches all alike; the best and median ms a step.
+    /// `PHI3_TIMING_MODEL=path cargo test --release --lib batch_step_timing -- --ignored
+    /// --nocapture` (2 threads).
+    #[test]
+    #[ignore]
+    fn batch_step_timing() {
+        let path = std::env::var("PHI3_TIMING_MODEL").expect("PHI3_TIMING_MODEL: a GGUF file");
+        let file = Arc::new(GgufFile::open(path).unwrap());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let models = [("repacked", true), ("mapped", false)].map(|(name, repack)| {
+            (
+                name,
+                Phi3Model::load_with(&file, Some(2048), repack).unwrap(),
+            )
+        });
+        let mut caches: Vec<Vec<KvCache>> = models
+            .iter()
+            .map(|(_, m)| (0..4).map(|_| m.new_cache()).collect())
+            .collect();
+        let prompt: Vec<u32> = (100..120).collect();
+        for ((_, m), caches) in models.iter().zip(&mut caches) {
+            for cache in caches.iter_mut() {
+                pool.install(|| m.forward(&prompt, cache)).unwrap();
+            }
+        }
+        let mut times = vec![vec![vec![]; 3]; models.len()];
+        let mut workspace = Workspace::default();
+        let long: Vec<u32> = (0..256).map(|i| 100 + i % 1000).collect();
+        for round in 0..6 {
+            for ((_, m), (caches, times)) in models.iter().zip(caches.iter_mut().zip(&mut times)) {
+                if round % 2 == 0 {
+                    let mut cache = m.new_cache();
+                    let t = std::time::Instant::now();
+                    pool.install(|| m.forward(&long, &mut cache)).unwrap();
+                    times[2].push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                for (k, n) in [1, 4].into_iter().enumerate() {
+                    let tokens = [7u32];
+                    let mut seqs: Vec<SeqInput> = caches[..n]
+                        .iter_mut()
+                        .map(|cache| SeqInput {
+                            tokens: &tokens,
+                            cache,
+                        })
+                        .collect();
+                    let t = std::time::Instant::now();
+                    pool.install(|| m.forward_batch(&mut seqs, &mut workspace))
+                        .unwrap();
+                    times[k].push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        for ((name, _), times) in models.iter().zip(&mut times) {
+            for t in times.iter_mut() {
+                t.sort_by(f64::total_cmp);
+            }
+            let (one, four) = (times[0][0], times[1][0]);
+            println!(
+                "{name}: 1 sequence {one:.1} ms (median {:.1}), 4 sequences {four:.1} ms (median \
+                 {:.1}): 4 streams {:.2}x the tokens/s of one; prefill of 256 tokens {:.0} ms",
+                times[0][3],
+                times[1][3],
+                4.0 * one / four,
+                times[2][0]
+            );
+        }
+    }
+
     /// Repacked weights (Q4_K interleaved at avx512vnni) against the same file's weights left
     /// in the map: the same greedy answers, and the 20 likeliest tokens' log-probabilities
     /// close. Not bit for bit: for 12 rows and more the mapped weights go through the panels,

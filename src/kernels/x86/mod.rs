@@ -86,7 +86,7 @@ pub(crate) fn prefetch_slice<T>(items: &[T]) {
 /// Asks for the cache lines of the `len` bytes from `start`.
 #[inline]
 #[target_feature(enable = "sse")]
-fn prefetch_bytes(start: *const i8, len: usize) {
+pub(super) fn prefetch_bytes(start: *const i8, len: usize) {
     for line in (0..len).step_by(64) {
         // A hint that never faults, whatever the address.
         _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line));
