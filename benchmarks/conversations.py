@@ -10,7 +10,7 @@ of each turn for: phi3 sent the whole conversation each turn (`stream(messages)`
 prefix pool serves), phi3's `Chat`, phi3 with the pool off (what every turn cost before it), and
 llama.cpp's `create_chat_completion` (which keeps the last prompt's cache).
 
-Streams: N threads stream 32 tokens each from different ~20-token prompts, at once; the table
+Streams: N threads stream 64 tokens each from different ~20-token prompts, at once; the table
 gives the tokens per second of all of them together, with phi3's batching (`max_batch=8`) and
 without it (`max_batch=1`: one stream at a time), and llama.cpp with one `Llama` per thread
 (a `Llama` serves one call at a time).
@@ -30,7 +30,7 @@ from typing import Any
 
 TURNS = 8
 ANSWER_TOKENS = 48
-STREAM_TOKENS = 32
+STREAM_TOKENS = 64
 WORDS = (
     "river stone lantern morning harbor quiet copper meadow signal winter garden paper engine "
     "orbit candle thunder silver valley market window ladder forest cobalt shadow"
