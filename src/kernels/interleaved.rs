@@ -12,8 +12,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::{cast_slice, scale_min_k4, BlockQ4K, BlockQ6K, Pod, QK_K};
-use super::dequantize;
 use super::panel::WeightRows;
+use super::table::WeightType;
 use crate::error::Result;
 
 /// Weight rows per interleaved group.
@@ -168,15 +168,20 @@ impl BlockQ6Kx16 {
     }
 }
 
-/// An interleaved block: 16 rows' blocks of type `Stored`.
-pub trait InterleavedBlock: Sync {
-    type Stored: Send + Sync;
+/// An interleaved block: block k of 16 rows of the stored type `Stored`.
+pub trait InterleavedBlock: Pod {
+    type Stored: WeightType;
+    /// Block k of the 16 rows `rows[r]` (each that row's blocks).
+    fn new(rows: &[&[Self::Stored]; ROWS], k: usize) -> Self;
     /// Row r's block, as it was.
     fn row(&self, r: usize) -> Self::Stored;
 }
 
 impl InterleavedBlock for BlockQ4Kx16 {
     type Stored = BlockQ4K;
+    fn new(rows: &[&[BlockQ4K]; ROWS], k: usize) -> Self {
+        BlockQ4Kx16::new(rows, k)
+    }
     fn row(&self, r: usize) -> BlockQ4K {
         BlockQ4Kx16::row(self, r)
     }
@@ -184,6 +189,9 @@ impl InterleavedBlock for BlockQ4Kx16 {
 
 impl InterleavedBlock for BlockQ6Kx16 {
     type Stored = BlockQ6K;
+    fn new(rows: &[&[BlockQ6K]; ROWS], k: usize) -> Self {
+        BlockQ6Kx16::new(rows, k)
+    }
     fn row(&self, r: usize) -> BlockQ6K {
         BlockQ6Kx16::row(self, r)
     }
@@ -215,23 +223,12 @@ struct Line([u8; 64]);
 pub struct Interleaved(Vec<Line>);
 
 impl Interleaved {
-    /// `weights`: the bytes of a matrix of Q4_K rows of `bpr` blocks, a multiple of [`ROWS`]
-    /// rows.
-    pub fn q4k(weights: &[u8], bpr: usize) -> Result<Self> {
-        let w: &[BlockQ4K] = cast_slice(weights, "weights")?;
-        Ok(Self::build(w, bpr, BlockQ4Kx16::new))
-    }
-
-    /// As [`q4k`](Self::q4k), for Q6_K.
-    pub fn q6k(weights: &[u8], bpr: usize) -> Result<Self> {
-        let w: &[BlockQ6K] = cast_slice(weights, "weights")?;
-        Ok(Self::build(w, bpr, BlockQ6Kx16::new))
-    }
-
-    /// Block k of every group made by `make(rows, k)`, group by group in parallel, into
-    /// memory asked to be on huge pages before it is first written.
-    fn build<B: Sync, X: Pod>(w: &[B], bpr: usize, make: fn(&[&[B]; ROWS], usize) -> X) -> Self {
+    /// `weights`: the bytes of a matrix of `X::Stored` rows of `bpr` blocks, a multiple of
+    /// [`ROWS`] rows, interleaved group by group in parallel, into memory asked to be on huge
+    /// pages before it is first written.
+    pub fn new<X: InterleavedBlock>(weights: &[u8], bpr: usize) -> Result<Self> {
         const { assert!(size_of::<X>().is_multiple_of(64) && align_of::<X>() <= 64) };
+        let w: &[X::Stored] = cast_slice(weights, "weights")?;
         assert!(bpr > 0 && w.len().is_multiple_of(bpr * ROWS));
         let blocks = w.len() / ROWS;
         let lines = blocks * size_of::<X>() / 64;
@@ -246,14 +243,14 @@ impl Interleaved {
             .par_chunks_mut(bpr)
             .zip(w.par_chunks_exact(bpr * ROWS))
             .for_each(|(out, group)| {
-                let rows: [&[B]; ROWS] = std::array::from_fn(|r| &group[r * bpr..][..bpr]);
+                let rows: [&[X::Stored]; ROWS] = std::array::from_fn(|r| &group[r * bpr..][..bpr]);
                 for (k, slot) in out.iter_mut().enumerate() {
-                    slot.write(make(&rows, k));
+                    slot.write(X::new(&rows, k));
                 }
             });
         // SAFETY: every one of the `blocks` slots, all `lines` lines, was written above.
         unsafe { out.set_len(lines) };
-        Self(out)
+        Ok(Self(out))
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -278,16 +275,9 @@ fn huge_pages<T>(buffer: &mut [T]) {
     }
 }
 
-/// Row `row` of an interleaved Q4_K matrix of `bpr` blocks a row, dequantized into `out`.
-pub fn dequantize_q4k_row(w: &[BlockQ4Kx16], bpr: usize, row: usize, out: &mut [f32]) {
-    let blocks = RowsOf { w, bpr }.row(row, &mut Vec::new()).to_vec();
-    dequantize::each_block(&blocks, out, dequantize::q4k);
-}
-
-/// As [`dequantize_q4k_row`], for Q6_K.
-pub fn dequantize_q6k_row(w: &[BlockQ6Kx16], bpr: usize, row: usize, out: &mut [f32]) {
-    let blocks = RowsOf { w, bpr }.row(row, &mut Vec::new()).to_vec();
-    dequantize::each_block(&blocks, out, dequantize::q6k);
+/// Row `row` of an interleaved matrix of `bpr` blocks a row, dequantized into `out`.
+pub fn dequantize_row<X: InterleavedBlock>(w: &[X], bpr: usize, row: usize, out: &mut [f32]) {
+    X::Stored::dequantize(RowsOf { w, bpr }.row(row, &mut Vec::new()), out);
 }
 
 #[cfg(test)]
@@ -304,7 +294,7 @@ mod tests {
         let bpr = 3;
         let mut rng = StdRng::seed_from_u64(7);
         let q4k = random_blocks(&mut rng, TensorType::Q4K, 2 * ROWS * bpr);
-        let x = Interleaved::q4k(q4k.bytes(), bpr).unwrap();
+        let x = Interleaved::new::<BlockQ4Kx16>(q4k.bytes(), bpr).unwrap();
         let x: &[BlockQ4Kx16] = cast_slice(x.bytes(), "test").unwrap();
         let w: &[BlockQ4K] = cast_slice(q4k.bytes(), "test").unwrap();
         assert_eq!(x.len(), 2 * bpr);
@@ -317,7 +307,7 @@ mod tests {
             );
         }
         let q6k = random_blocks(&mut rng, TensorType::Q6K, 2 * ROWS * bpr);
-        let x = Interleaved::q6k(q6k.bytes(), bpr).unwrap();
+        let x = Interleaved::new::<BlockQ6Kx16>(q6k.bytes(), bpr).unwrap();
         let x: &[BlockQ6Kx16] = cast_slice(x.bytes(), "test").unwrap();
         let w: &[BlockQ6K] = cast_slice(q6k.bytes(), "test").unwrap();
         for (i, original) in w.iter().enumerate() {

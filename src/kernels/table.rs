@@ -13,7 +13,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::*;
-use super::interleaved::{self, BlockQ4Kx16, BlockQ6Kx16, Interleaved};
+use super::interleaved::{self, BlockQ4Kx16, BlockQ6Kx16, Interleaved, InterleavedBlock};
 use super::levels::Scalar;
 #[cfg(target_arch = "x86_64")]
 use super::levels::{Avx2, Avx512Vnni};
@@ -441,20 +441,14 @@ unsafe fn gemm<T: WeightType, L: LevelKernels<T>>(
 /// A weight type's blocks 16 rows interleaved, with its AVX-512 VNNI kernel: what an
 /// [`Interleaving`] is made of ([`interleaving`]).
 #[cfg(target_arch = "x86_64")]
-pub(crate) trait Interleaved16: Pod {
-    const TYPE: TensorType;
-
-    /// The matrix as stored (`bpr` blocks a row), interleaved.
-    fn make(weights: &[u8], bpr: usize) -> Result<Interleaved>;
-
+pub(crate) trait Interleaved16:
+    InterleavedBlock<Stored: WeightType<Act = BlockQ8K>>
+{
     /// `out[p][r] = dot(row r of the group w, ys[p])`, 1 to 4 activation rows.
     ///
     /// # Safety
     /// The CPU has the avx512vnni level.
     unsafe fn dot(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; interleaved::ROWS]]);
-
-    /// Row `row` of the interleaved matrix `w` of `bpr` blocks a row, dequantized.
-    fn dequantize_row(w: &[Self], bpr: usize, row: usize, out: &mut [f32]);
 
     /// From how many activation rows on the stored type's panels, fed rows made back from
     /// the interleaved blocks, beat [`dot`](Self::dot), and those panels
@@ -468,31 +462,17 @@ pub(crate) type X16Panels<X> = unsafe fn(&[X], usize, &[f32], usize, usize, &Sha
 
 #[cfg(target_arch = "x86_64")]
 impl Interleaved16 for BlockQ4Kx16 {
-    const TYPE: TensorType = TensorType::Q4K;
-    fn make(weights: &[u8], bpr: usize) -> Result<Interleaved> {
-        Interleaved::q4k(weights, bpr)
-    }
     unsafe fn dot(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; interleaved::ROWS]]) {
         // SAFETY: the caller guarantees the features.
         unsafe { super::x86::avx512_x16::dot_q4k_x16(w, ys, out) }
-    }
-    fn dequantize_row(w: &[Self], bpr: usize, row: usize, out: &mut [f32]) {
-        interleaved::dequantize_q4k_row(w, bpr, row, out)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Interleaved16 for BlockQ6Kx16 {
-    const TYPE: TensorType = TensorType::Q6K;
-    fn make(weights: &[u8], bpr: usize) -> Result<Interleaved> {
-        Interleaved::q6k(weights, bpr)
-    }
     unsafe fn dot(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; interleaved::ROWS]]) {
         // SAFETY: the caller guarantees the features.
         unsafe { super::x86::avx512_x16::dot_q6k_x16(w, ys, out) }
-    }
-    fn dequantize_row(w: &[Self], bpr: usize, row: usize, out: &mut [f32]) {
-        interleaved::dequantize_q6k_row(w, bpr, row, out)
     }
     /// At 64 rows the panels take 1.19-1.31 ns per weight block and row, this type's kernel
     /// 1.39-1.64; at 16, 1.65-1.85 against 1.59-1.85.
@@ -513,7 +493,7 @@ impl Interleaved16 for BlockQ6Kx16 {
 pub(crate) const fn interleaving<X: Interleaved16>() -> Interleaving {
     Interleaving {
         kernels: Kernels {
-            tensor_type: X::TYPE,
+            tensor_type: X::Stored::TYPE,
             level: CpuLevel::Avx512Vnni,
             #[cfg(test)]
             packed_min_rows: match X::PANELS {
@@ -530,7 +510,7 @@ pub(crate) const fn interleaving<X: Interleaved16>() -> Interleaving {
             gemm: x16_gemm::<X>,
             dequantize: x16_row::<X>,
         },
-        make: X::make,
+        make: Interleaved::new::<X>,
     }
 }
 
@@ -564,7 +544,7 @@ unsafe fn x16_gemm<X: Interleaved16>(
         // SAFETY: the caller guarantees the features.
         Some((from, panels)) if n >= from => unsafe { panels(w, bpr, x, cols, n, out) },
         _ => {
-            let y = quantized_rows(x, cols, quantize_q8k);
+            let y = X::Stored::quantize_rows(x, cols);
             // SAFETY: as above.
             unsafe { super::x86::avx512_x16::gemm(w, bpr, &y, n, out, X::dot) };
         }
@@ -579,7 +559,7 @@ fn x16_row<X: Interleaved16>(
     row: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    X::dequantize_row(cast_slice(weights, "weights")?, bpr, row, out);
+    interleaved::dequantize_row::<X>(cast_slice(weights, "weights")?, bpr, row, out);
     Ok(())
 }
 
