@@ -169,18 +169,39 @@ fn q4k<const R: usize>(w: &[BlockQ4Kx16], ys: &[&[BlockQ8K]], out: &mut [[f32; R
         }
         let dmin = _mm512_cvtph_ps(load256(&b.dmin, 0));
         for p in 0..R {
-            let a = &ys[p][k];
-            let mut m = _mm512_setzero_si512();
-            for (i, mins) in mins.iter().enumerate() {
-                m = _mm512_dpwssd_epi32(m, *mins, _mm512_set1_epi32(sum_pair(a, i)));
-            }
-            let x = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), dmin, block[p]);
-            acc[p] = _mm512_fmadd_ps(_mm512_set1_ps(a.d), x, acc[p]);
+            acc[p] = finish_block(&mins, &ys[p][k], sum_pair, dmin, block[p], acc[p]);
         }
     }
+    store(&acc, out);
+}
+
+/// `acc + a.d * (block - factor * sum_i pairs[i] . pair(a, i))`: a block's correction (Q4_K's
+/// mins, Q6_K's offset) by the activations' sub-block sums, then the activations' scale.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn finish_block(
+    pairs: &[__m512i],
+    a: &BlockQ8K,
+    pair: fn(&BlockQ8K, usize) -> i32,
+    factor: __m512,
+    block: __m512,
+    acc: __m512,
+) -> __m512 {
+    let mut sum = _mm512_setzero_si512();
+    for (i, p) in pairs.iter().enumerate() {
+        sum = _mm512_dpwssd_epi32(sum, *p, _mm512_set1_epi32(pair(a, i)));
+    }
+    let x = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sum), factor, block);
+    _mm512_fmadd_ps(_mm512_set1_ps(a.d), x, acc)
+}
+
+/// Each activation row's 16 sums into its `out` row.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn store(acc: &[__m512], out: &mut [[f32; ROWS]]) {
     for (o, a) in out.iter_mut().zip(acc) {
         // SAFETY: `o` is 16 floats, the 64 bytes written.
-        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
     }
 }
 
@@ -272,19 +293,10 @@ fn q6k<const R: usize>(w: &[BlockQ6Kx16], ys: &[&[BlockQ8K]], out: &mut [[f32; R
         }
         let d32 = _mm512_mul_ps(d, _mm512_set1_ps(32.0));
         for p in 0..R {
-            let a = &ys[p][k];
-            let mut offset = _mm512_setzero_si512();
-            for (i, pair) in pairs.iter().enumerate() {
-                offset = _mm512_dpwssd_epi32(offset, *pair, _mm512_set1_epi32(bsum_pair(a, i)));
-            }
-            let x = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offset), d32, block[p]);
-            acc[p] = _mm512_fmadd_ps(_mm512_set1_ps(a.d), x, acc[p]);
+            acc[p] = finish_block(&pairs, &ys[p][k], bsum_pair, d32, block[p], acc[p]);
         }
     }
-    for (o, a) in out.iter_mut().zip(acc) {
-        // SAFETY: `o` is 16 floats, the 64 bytes written.
-        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
-    }
+    store(&acc, out);
 }
 
 /// The 16 rows' signed scales of a sub-block, times `d`, as floats.
