@@ -19,6 +19,15 @@ use crate::error::Result;
 /// Weight rows per interleaved group.
 pub const ROWS: usize = 16;
 
+/// An interleaved block: block k of 16 rows of the stored type `Stored`.
+pub trait InterleavedBlock: Pod {
+    type Stored: WeightType;
+    /// Block k of the 16 rows `rows[r]` (each that row's blocks).
+    fn new(rows: &[&[Self::Stored]; ROWS], k: usize) -> Self;
+    /// Row r's block, as it was.
+    fn row(&self, r: usize) -> Self::Stored;
+}
+
 /// Block k of 16 Q4_K rows. 2368 bytes against 16 x 144 = 2304: the scales and mins are kept a
 /// byte each (not 6 bits), so that a row group's are read with one zero-extension each.
 #[repr(C, align(64))]
@@ -42,9 +51,10 @@ const _: () = assert!(size_of::<BlockQ4Kx16>() == 2368);
 // (asserted above), so there is no padding.
 unsafe impl Pod for BlockQ4Kx16 {}
 
-impl BlockQ4Kx16 {
-    /// Block k of the 16 rows `rows[r]` (each that row's blocks).
-    pub fn new(rows: &[&[BlockQ4K]; ROWS], k: usize) -> Self {
+impl InterleavedBlock for BlockQ4Kx16 {
+    type Stored = BlockQ4K;
+
+    fn new(rows: &[&[BlockQ4K]; ROWS], k: usize) -> Self {
         let mut b = Self {
             d: [f16::ZERO; ROWS],
             dmin: [f16::ZERO; ROWS],
@@ -68,8 +78,7 @@ impl BlockQ4Kx16 {
         b
     }
 
-    /// Row r's Q4_K block, as it was.
-    pub fn row(&self, r: usize) -> BlockQ4K {
+    fn row(&self, r: usize) -> BlockQ4K {
         let sc: [u8; 8] = std::array::from_fn(|j| self.scales[j][r]);
         let mn: [u8; 8] = std::array::from_fn(|j| self.mins[j / 2][r][j % 2]);
         // The inverse of `scale_min_k4`: sub-blocks 0-3 in the low 6 bits of bytes 0-7, the
@@ -123,9 +132,10 @@ const _: () = assert!(size_of::<BlockQ6Kx16>() == 3392);
 // SAFETY: as for BlockQ4Kx16 (the padding is a field of its own).
 unsafe impl Pod for BlockQ6Kx16 {}
 
-impl BlockQ6Kx16 {
-    /// Block k of the 16 rows `rows[r]`.
-    pub fn new(rows: &[&[BlockQ6K]; ROWS], k: usize) -> Self {
+impl InterleavedBlock for BlockQ6Kx16 {
+    type Stored = BlockQ6K;
+
+    fn new(rows: &[&[BlockQ6K]; ROWS], k: usize) -> Self {
         let mut b = Self {
             d: [f16::ZERO; ROWS],
             scales: [[0; ROWS]; QK_K / 16],
@@ -149,8 +159,7 @@ impl BlockQ6Kx16 {
         b
     }
 
-    /// Row r's Q6_K block, as it was.
-    pub fn row(&self, r: usize) -> BlockQ6K {
+    fn row(&self, r: usize) -> BlockQ6K {
         let mut b = BlockQ6K {
             ql: [0; QK_K / 2],
             qh: [0; QK_K / 4],
@@ -165,35 +174,6 @@ impl BlockQ6Kx16 {
             }
         }
         b
-    }
-}
-
-/// An interleaved block: block k of 16 rows of the stored type `Stored`.
-pub trait InterleavedBlock: Pod {
-    type Stored: WeightType;
-    /// Block k of the 16 rows `rows[r]` (each that row's blocks).
-    fn new(rows: &[&[Self::Stored]; ROWS], k: usize) -> Self;
-    /// Row r's block, as it was.
-    fn row(&self, r: usize) -> Self::Stored;
-}
-
-impl InterleavedBlock for BlockQ4Kx16 {
-    type Stored = BlockQ4K;
-    fn new(rows: &[&[BlockQ4K]; ROWS], k: usize) -> Self {
-        BlockQ4Kx16::new(rows, k)
-    }
-    fn row(&self, r: usize) -> BlockQ4K {
-        BlockQ4Kx16::row(self, r)
-    }
-}
-
-impl InterleavedBlock for BlockQ6Kx16 {
-    type Stored = BlockQ6K;
-    fn new(rows: &[&[BlockQ6K]; ROWS], k: usize) -> Self {
-        BlockQ6Kx16::new(rows, k)
-    }
-    fn row(&self, r: usize) -> BlockQ6K {
-        BlockQ6Kx16::row(self, r)
     }
 }
 

@@ -39,7 +39,7 @@ use std::sync::OnceLock;
 use crate::error::{Error, Result};
 #[cfg(test)]
 pub use table::types;
-pub use table::{find, Kernels, Layout};
+pub use table::{find, Kernels};
 
 /// The instruction sets a kernel may use, in increasing order.
 ///

@@ -13,7 +13,9 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::*;
-use super::interleaved::{self, BlockQ4Kx16, BlockQ6Kx16, Interleaved, InterleavedBlock};
+use super::interleaved::Interleaved;
+#[cfg(target_arch = "x86_64")]
+use super::interleaved::{self, BlockQ4Kx16, BlockQ6Kx16, InterleavedBlock};
 use super::levels::Scalar;
 #[cfg(target_arch = "x86_64")]
 use super::levels::{Avx2, Avx512Vnni};
@@ -188,6 +190,16 @@ pub enum Layout {
     Stored,
     /// Groups of `rows` rows, block k of every row of a group in one `block_bytes` block.
     Interleaved { rows: usize, block_bytes: usize },
+}
+
+impl Layout {
+    /// Whether a matrix of `rows` rows can be laid out so (in whole groups).
+    pub fn takes(self, rows: usize) -> bool {
+        match self {
+            Layout::Stored => true,
+            Layout::Interleaved { rows: group, .. } => rows.is_multiple_of(group),
+        }
+    }
 }
 
 /// A faster layout for a weight type at a level, made when a model loads.
@@ -372,7 +384,7 @@ impl Kernels {
             )));
         }
         let (groups, group_bytes) = match self.layout {
-            Layout::Stored => (Some(rows), t.type_size()),
+            Layout::Stored => (rows, t.type_size()),
             Layout::Interleaved {
                 rows: group,
                 block_bytes,
@@ -382,11 +394,11 @@ impl Kernels {
                         "rows: {rows} is not a multiple of the {group} rows interleaved"
                     )));
                 }
-                (Some(rows / group), block_bytes)
+                (rows / group, block_bytes)
             }
         };
         let expected = groups
-            .and_then(|g| g.checked_mul(cols / block))
+            .checked_mul(cols / block)
             .and_then(|n| n.checked_mul(group_bytes));
         if expected != Some(weights.len()) {
             return Err(Error::invalid_argument(format!(
@@ -450,15 +462,10 @@ pub(crate) trait Interleaved16:
     /// The CPU has the avx512vnni level.
     unsafe fn dot(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; interleaved::ROWS]]);
 
-    /// From how many activation rows on the stored type's panels, fed rows made back from
-    /// the interleaved blocks, beat [`dot`](Self::dot), and those panels
-    /// (`(w, bpr, x, cols, n, out)`; the same safety).
-    const PANELS: Option<(usize, X16Panels<Self>)> = None;
+    /// The stored type's panels, fed rows made back from the interleaved blocks, and from how
+    /// many activation rows on they beat [`dot`](Self::dot).
+    const PANELS: Option<Panels<Self>> = None;
 }
-
-/// The panels of an interleaved type: `(w, bpr, x, cols, n, out)`.
-#[cfg(target_arch = "x86_64")]
-pub(crate) type X16Panels<X> = unsafe fn(&[X], usize, &[f32], usize, usize, &SharedOut);
 
 #[cfg(target_arch = "x86_64")]
 impl Interleaved16 for BlockQ4Kx16 {
@@ -476,13 +483,18 @@ impl Interleaved16 for BlockQ6Kx16 {
     }
     /// At 64 rows the panels take 1.19-1.31 ns per weight block and row, this type's kernel
     /// 1.39-1.64; at 16, 1.65-1.85 against 1.59-1.85.
-    const PANELS: Option<(usize, X16Panels<Self>)> = Some((32, |w, bpr, x, cols, n, out| {
-        let rows = interleaved::RowsOf { w, bpr };
-        // SAFETY: the caller guarantees the features.
-        unsafe {
-            super::x86::avx512_gemm::gemm_rows::<super::panel::Q6K, 4>(&rows, bpr, x, cols, n, out)
-        }
-    }));
+    const PANELS: Option<Panels<Self>> = Some(Panels {
+        min_rows: 32,
+        run: |w, bpr, x, cols, n, out| {
+            let rows = interleaved::RowsOf { w, bpr };
+            // SAFETY: the caller guarantees the features.
+            unsafe {
+                super::x86::avx512_gemm::gemm_rows::<super::panel::Q6K, 4>(
+                    &rows, bpr, x, cols, n, out,
+                )
+            }
+        },
+    });
 }
 
 /// The avx512vnni entry for `X`'s interleaved matrices: one kernel for every number of
@@ -497,7 +509,7 @@ pub(crate) const fn interleaving<X: Interleaved16>() -> Interleaving {
             level: CpuLevel::Avx512Vnni,
             #[cfg(test)]
             packed_min_rows: match X::PANELS {
-                Some((from, _)) => from,
+                Some(panels) => panels.min_rows,
                 None => usize::MAX,
             },
             align: align_of::<X>(),
@@ -542,7 +554,7 @@ unsafe fn x16_gemm<X: Interleaved16>(
     let w = cast_slice::<X>(weights, "weights")?;
     match X::PANELS {
         // SAFETY: the caller guarantees the features.
-        Some((from, panels)) if n >= from => unsafe { panels(w, bpr, x, cols, n, out) },
+        Some(panels) if n >= panels.min_rows => unsafe { (panels.run)(w, bpr, x, cols, n, out) },
         _ => {
             let y = X::Stored::quantize_rows(x, cols);
             // SAFETY: as above.

@@ -18,7 +18,7 @@ use candle_core::{Device, Module, Tensor};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, TensorInfo, TensorType};
 use crate::kernels::interleaved::Interleaved;
-use crate::kernels::{self, Kernels, Layout};
+use crate::kernels::{self, Kernels};
 
 /// Off x86_64 our kernels are only the scalar reference, and candle's NEON ones are faster.
 const OWN_KERNELS: bool = cfg!(target_arch = "x86_64");
@@ -68,7 +68,7 @@ impl Linear {
                 )));
             }
             match kernels.interleaved {
-                Some(interleaving) if repack && groups_of(&interleaving.kernels, rows) => {
+                Some(interleaving) if repack && interleaving.kernels.layout.takes(rows) => {
                     let bytes = file.tensor_data(tensor);
                     let bpr = kernels
                         .blocks_per_row(bytes, rows, cols)
@@ -159,14 +159,6 @@ impl Linear {
                 Ok(())
             }
         }
-    }
-}
-
-/// Whether `rows` rows split into whole groups of an interleaved layout.
-fn groups_of(kernels: &Kernels, rows: usize) -> bool {
-    match kernels.layout {
-        Layout::Interleaved { rows: group, .. } => rows.is_multiple_of(group),
-        Layout::Stored => true,
     }
 }
 

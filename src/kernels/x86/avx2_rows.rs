@@ -52,7 +52,7 @@ fn k4<B, const R: usize>(
     out: &mut [f32],
     unpack: impl Fn(&B) -> ([__m256i; 8], (f16, f16), ([u8; 8], [u8; 8])),
 ) {
-    let ys = rows::<_, R>(ys, out, w.len());
+    let ys = rows::<_, _, R>(ys, out, w.len());
     let mut acc = [(_mm256_setzero_ps(), _mm_setzero_ps()); R];
     for (k, b) in w.iter().enumerate() {
         let (q, d, scales) = unpack(b);
@@ -73,7 +73,7 @@ pub fn dot_q6k_rows(w: &[BlockQ6K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn q6k<const R: usize>(w: &[BlockQ6K], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-    let ys = rows::<_, R>(ys, out, w.len());
+    let ys = rows::<_, _, R>(ys, out, w.len());
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);
     let mut acc = [_mm256_setzero_ps(); R];
@@ -130,7 +130,7 @@ pub fn dot_q8_0_rows(w: &[BlockQ8_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn q8_0<const R: usize>(w: &[BlockQ8_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
-    let ys = rows::<_, R>(ys, out, w.len());
+    let ys = rows::<_, _, R>(ys, out, w.len());
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
     for (k, b) in w.iter().enumerate() {
@@ -157,7 +157,7 @@ pub fn dot_q4_0_rows(w: &[BlockQ4_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn q4_0<const R: usize>(w: &[BlockQ4_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
-    let ys = rows::<_, R>(ys, out, w.len());
+    let ys = rows::<_, _, R>(ys, out, w.len());
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
     for (k, b) in w.iter().enumerate() {

@@ -153,7 +153,7 @@ fn store<const R: usize>(acc: __m512, out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn k4<B, const R: usize>(w: &[B], y: &Q8KRows, out: &mut [f32], unpack: impl Fn(&B) -> K4Block) {
-    let ys = rows::<_, R>(&y.rows[..y.count], out, w.len());
+    let ys = rows::<_, _, R>(&y.rows[..y.count], out, w.len());
     let mut acc = _mm512_setzero_ps();
     for (k, b) in w.iter().enumerate() {
         prefetch_ahead(b);
@@ -199,7 +199,7 @@ pub fn dot_q6k_rows(w: &[BlockQ6K], y: &Q8KRows, out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q6k<const R: usize>(w: &[BlockQ6K], y: &Q8KRows, out: &mut [f32]) {
-    let ys = rows::<_, R>(&y.rows[..y.count], out, w.len());
+    let ys = rows::<_, _, R>(&y.rows[..y.count], out, w.len());
     let mut acc = _mm512_setzero_ps();
     for (k, b) in w.iter().enumerate() {
         prefetch_ahead(b);

@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::{load128, load256};
 use super::avx512::load512;
-use super::prefetch_bytes;
+use super::{prefetch_bytes, rows};
 use crate::kernels::blocks::BlockQ8K;
 use crate::kernels::interleaved::{BlockQ4Kx16, BlockQ6Kx16, ROWS};
 use crate::kernels::tiling::{tiles_par, SharedOut, GROUP, TILE_ROWS};
@@ -76,32 +76,16 @@ pub unsafe fn gemm<B: Sync>(
     );
 }
 
-/// Calls `$kernel::<R>(w, ys, out)` for `R = ys.len()` (1 to [`GROUP`]), after checking the
-/// shapes.
-macro_rules! by_rows_x16 {
-    ($kernel:ident, $w:expr, $ys:expr, $out:expr) => {{
-        let (w, ys, out) = ($w, $ys, $out);
-        assert!(ys.len() == out.len() && ys.iter().all(|y| y.len() == w.len()));
-        match ys.len() {
-            1 => $kernel::<1>(w, ys, out),
-            2 => $kernel::<2>(w, ys, out),
-            3 => $kernel::<3>(w, ys, out),
-            4 => $kernel::<4>(w, ys, out),
-            r => panic!("{r} activation rows: 1 to {GROUP} expected"),
-        }
-    }};
-}
-
 /// `out[p][r] = dot(row r of the group w, ys[p])`, for the rows of `ys` (1 to [`GROUP`]).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub fn dot_q4k_x16(w: &[BlockQ4Kx16], ys: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-    by_rows_x16!(q4k, w, ys, out)
+    by_rows!(q4k, w, ys, out)
 }
 
 /// As [`dot_q4k_x16`], for Q6_K.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub fn dot_q6k_x16(w: &[BlockQ6Kx16], ys: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-    by_rows_x16!(q6k, w, ys, out)
+    by_rows!(q6k, w, ys, out)
 }
 
 /// Four activation values from `qs[at..]`, in every i32 lane.
@@ -133,7 +117,7 @@ fn sum_pair(a: &BlockQ8K, i: usize) -> i32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q4k<const R: usize>(w: &[BlockQ4Kx16], ys: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-    let ys: [&[BlockQ8K]; R] = std::array::from_fn(|p| ys[p]);
+    let ys = rows::<_, _, R>(ys, out, w.len());
     let low = _mm512_set1_epi8(0x0F);
     let high = _mm512_set1_epi8(0xF0u8 as i8);
     let mut acc = [_mm512_setzero_ps(); R];
@@ -218,7 +202,7 @@ fn bsum_pair(a: &BlockQ8K, i: usize) -> i32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q6k<const R: usize>(w: &[BlockQ6Kx16], ys: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-    let ys: [&[BlockQ8K]; R] = std::array::from_fn(|p| ys[p]);
+    let ys = rows::<_, _, R>(ys, out, w.len());
     let m4 = _mm512_set1_epi8(0x0F);
     let m2 = _mm512_set1_epi8(0x03);
     let m2_high = _mm512_set1_epi8(0x30);

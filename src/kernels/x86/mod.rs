@@ -55,7 +55,7 @@ use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
 /// The first `R` rows of `ys`, and `out` checked to have room for them.
 #[inline]
-fn rows<'a, Y, const R: usize>(ys: &[&'a [Y]], out: &[f32], blocks: usize) -> [&'a [Y]; R] {
+fn rows<'a, Y, O, const R: usize>(ys: &[&'a [Y]], out: &[O], blocks: usize) -> [&'a [Y]; R] {
     assert!(ys.len() == R && out.len() == R);
     std::array::from_fn(|i| {
         assert_eq!(ys[i].len(), blocks);
