@@ -1,6 +1,7 @@
 //! The tile kernels of prefill attention (`model::attention::attend_chunk`): the scores of a tile
-//! of query rows against keys transposed into rows of `head_dim` values by keys, and the
-//! weighted sums of values for a tile of rows. Plain Rust the compiler vectorizes, compiled
+//! of query rows against keys transposed in blocks of [`KEY_LANES`] (each block `head_dim` rows
+//! of 16 keys' values, contiguous, so a tile walks memory in order), and the weighted sums of
+//! values for a tile of rows. Plain Rust the compiler vectorizes, compiled
 //! twice: for the build's baseline, and with AVX-512 (16 floats per vector, 32 registers) for
 //! the avx512vnni level, chosen per call from [`super::level`].
 
@@ -12,8 +13,15 @@ pub const TILE_ROWS: usize = 8;
 /// Keys per score vector; the transposed keys are padded to a multiple of it (zeros).
 pub const KEY_LANES: usize = 16;
 
+/// Where value `c` of key `j` lies in keys transposed for [`score_tile`]: block `j / 16` of
+/// `(head_dim, KEY_LANES)` values, row `c`, lane `j % 16`.
+pub fn transposed_at(j: usize, c: usize, head_dim: usize) -> usize {
+    (j / KEY_LANES * head_dim + c) * KEY_LANES + j % KEY_LANES
+}
+
 /// `scores[r * padded + j] = dot(queries[r], key j)` for `j` in `keys` rounded out to whole
-/// vectors of [`KEY_LANES`] (`keys_t`: `(head_dim, padded)`, the keys transposed).
+/// vectors of [`KEY_LANES`] (`keys_t`: the keys transposed, `padded / KEY_LANES` blocks laid
+/// out as [`transposed_at`] says).
 pub fn score_tile(
     queries: &[&[f32]; TILE_ROWS],
     keys_t: &[f32],
@@ -76,23 +84,47 @@ fn score_rows<const R: usize>(
     keys: std::ops::Range<usize>,
     scores: &mut [f32],
 ) {
-    let d = queries[0].len();
     let first = keys.start / KEY_LANES * KEY_LANES;
-    for j in (first..keys.end).step_by(KEY_LANES) {
-        let mut acc = [[0f32; KEY_LANES]; R];
-        for c in 0..d {
-            let k: &[f32; KEY_LANES] = keys_t[c * padded + j..][..KEY_LANES]
+    let blocks = (keys.end - first).div_ceil(KEY_LANES);
+    // Two blocks of keys a step: each query value broadcast serves 32 keys.
+    let pairs_end = first + blocks / 2 * 2 * KEY_LANES;
+    for j in (first..pairs_end).step_by(2 * KEY_LANES) {
+        score_blocks::<R, 2>(queries, keys_t, padded, j, scores);
+    }
+    if blocks % 2 == 1 {
+        score_blocks::<R, 1>(queries, keys_t, padded, pairs_end, scores);
+    }
+}
+
+/// The scores of `B` blocks of keys from key `j` (a multiple of [`KEY_LANES`]).
+#[inline(always)]
+fn score_blocks<const R: usize, const B: usize>(
+    queries: &[&[f32]; R],
+    keys_t: &[f32],
+    padded: usize,
+    j: usize,
+    scores: &mut [f32],
+) {
+    let d = queries[0].len();
+    let mut acc = [[[0f32; KEY_LANES]; B]; R];
+    for c in 0..d {
+        let k: [&[f32; KEY_LANES]; B] = std::array::from_fn(|b| {
+            keys_t[(j + b * KEY_LANES) * d + c * KEY_LANES..][..KEY_LANES]
                 .try_into()
-                .expect("padded to whole vectors");
-            for (acc, q) in acc.iter_mut().zip(queries) {
-                let q = q[c];
+                .expect("padded to whole vectors")
+        });
+        for (acc, q) in acc.iter_mut().zip(queries) {
+            let q = q[c];
+            for (acc, k) in acc.iter_mut().zip(k) {
                 for (a, &k) in acc.iter_mut().zip(k) {
                     *a = q.mul_add(k, *a);
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            scores[r * padded + j..][..KEY_LANES].copy_from_slice(acc);
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (b, acc) in acc.iter().enumerate() {
+            scores[r * padded + j + b * KEY_LANES..][..KEY_LANES].copy_from_slice(acc);
         }
     }
 }
@@ -126,14 +158,25 @@ fn weighted_sum_tile_at(level: CpuLevel, p: &[&[f32]], values: &[f32], out: &mut
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
 fn weighted_sum_avx512(p: &[&[f32]], values: &[f32], out: &mut [&mut [f32]]) {
-    // Pairs of rows: each value vector loaded serves both (6 or 8 accumulators a row).
-    let mut rows = p.chunks_exact(2).zip(out.chunks_exact_mut(2));
-    for (p, out) in &mut rows {
-        weighted_sum_by_head_dim::<2>(&[p[0], p[1]], values, out);
+    // Each value vector loaded serves several rows: four rows' sums (24 registers for 96
+    // values a row) halve the passes over the values against two.
+    if out[0].len() <= 96 {
+        weighted_sum_by_rows::<4>(p, values, out)
+    } else {
+        weighted_sum_by_rows::<2>(p, values, out)
     }
-    if p.len() % 2 == 1 {
-        let last = p.len() - 1;
-        weighted_sum_by_head_dim::<1>(&[p[last]], values, &mut out[last..]);
+}
+
+/// [`weighted_sum_by_head_dim`] over `R` rows at a time, then the rest one by one.
+#[inline(always)]
+fn weighted_sum_by_rows<const R: usize>(p: &[&[f32]], values: &[f32], out: &mut [&mut [f32]]) {
+    let whole = p.len() / R * R;
+    for (p, out) in p[..whole].chunks_exact(R).zip(out.chunks_exact_mut(R)) {
+        let p: &[&[f32]; R] = p.try_into().expect("chunks of R");
+        weighted_sum_by_head_dim::<R>(p, values, out);
+    }
+    for (p, out) in p[whole..].iter().zip(&mut out[whole..]) {
+        weighted_sum_by_head_dim::<1>(&[p], values, std::slice::from_mut(out));
     }
 }
 
@@ -217,7 +260,7 @@ mod tests {
         let mut keys_t = vec![0f32; d * padded];
         for (j, k) in keys.iter().enumerate() {
             for (c, &v) in k.iter().enumerate() {
-                keys_t[c * padded + j] = v;
+                keys_t[transposed_at(j, c, d)] = v;
             }
         }
         let queries: [&[f32]; TILE_ROWS] = std::array::from_fn(|r| q[r].as_slice());
@@ -234,10 +277,11 @@ mod tests {
             }
         }
 
-        let values: Vec<f32> = keys.concat();
-        for rows in [1, 2, 5, TILE_ROWS] {
-            for d in [96, 20] {
-                let values: Vec<f32> = values.chunks(96).flat_map(|v| v[..d].to_vec()).collect();
+        for rows in [1, 2, 3, 5, 6, 7, TILE_ROWS] {
+            for d in [96, 128, 20] {
+                let values: Vec<f32> = (0..n * d)
+                    .map(|i| ((i * 7) % 19) as f32 * 0.05 - 0.45)
+                    .collect();
                 let p: Vec<Vec<f32>> = (0..rows)
                     .map(|r| (0..n).map(|j| ((r + j) % 4) as f32 * 0.25).collect())
                     .collect();

@@ -12,7 +12,6 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::blocks::{cast_slice, scale_min_k4, BlockQ4K, BlockQ6K, Pod, QK_K};
-use super::panel::WeightRows;
 use super::table::WeightType;
 use crate::error::Result;
 
@@ -177,21 +176,6 @@ impl InterleavedBlock for BlockQ6Kx16 {
     }
 }
 
-/// An interleaved matrix's rows made back one by one, for the stored type's panels.
-pub struct RowsOf<'w, X> {
-    pub w: &'w [X],
-    pub bpr: usize,
-}
-
-impl<X: InterleavedBlock> WeightRows<X::Stored> for RowsOf<'_, X> {
-    fn row<'a>(&'a self, r: usize, scratch: &'a mut Vec<X::Stored>) -> &'a [X::Stored] {
-        let group = &self.w[r / ROWS * self.bpr..][..self.bpr];
-        scratch.clear();
-        scratch.extend(group.iter().map(|b| b.row(r % ROWS)));
-        scratch
-    }
-}
-
 /// A 64-byte line: the unit an [`Interleaved`] matrix is allocated in, so that its blocks
 /// (a whole number of lines each) are aligned for the kernels' loads.
 #[repr(C, align(64))]
@@ -257,7 +241,9 @@ fn huge_pages<T>(buffer: &mut [T]) {
 
 /// Row `row` of an interleaved matrix of `bpr` blocks a row, dequantized into `out`.
 pub fn dequantize_row<X: InterleavedBlock>(w: &[X], bpr: usize, row: usize, out: &mut [f32]) {
-    X::Stored::dequantize(RowsOf { w, bpr }.row(row, &mut Vec::new()), out);
+    let group = &w[row / ROWS * bpr..][..bpr];
+    let blocks: Vec<X::Stored> = group.iter().map(|b| b.row(row % ROWS)).collect();
+    X::Stored::dequantize(&blocks, out);
 }
 
 #[cfg(test)]
@@ -301,9 +287,8 @@ mod tests {
     }
 
     /// The interleaved entries of the kernel table: every row count against the scalar entry on
-    /// the stored matrix (Q6_K's panels from 32 rows included), each activation row the same
-    /// bit for bit in a batch as alone below the panels (so a stream's tokens do not depend on
-    /// its company), the embedding lookup the stored one's bit for bit, and shapes they cannot
+    /// the stored matrix, each activation row the same bit for bit in a batch as alone (so a
+    /// stream's tokens do not depend on its company), the embedding lookup the stored one's bit for bit, and shapes they cannot
     /// take refused.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -328,7 +313,7 @@ mod tests {
             let bpr = scalar.blocks_per_row(stored.bytes(), rows, cols).unwrap();
             let weights = (interleaving.make)(stored.bytes(), bpr).unwrap();
             let w = weights.bytes();
-            for n in [1, 2, 3, 4, 5, 7, 13, 33, 40] {
+            for n in [1, 2, 3, 4, 5, 6, 7, 8, 13, 33, 40] {
                 let x = randn(&mut rng, n * cols);
                 let (mut got, mut want) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
                 x16.gemm(w, rows, cols, &x, n, &mut got).unwrap();
@@ -336,9 +321,6 @@ mod tests {
                     .gemm(stored.bytes(), rows, cols, &x, n, &mut want)
                     .unwrap();
                 assert_close_to_reference(&format!("{dtype:?} n {n}"), &got, &want);
-                if n >= x16.packed_min_rows {
-                    continue;
-                }
                 for (i, (x, got)) in x.chunks(cols).zip(got.chunks(rows)).enumerate() {
                     let mut alone = vec![f32::NAN; rows];
                     x16.gemm(w, rows, cols, x, 1, &mut alone).unwrap();
@@ -391,7 +373,7 @@ mod tests {
             for (what, rows, reps) in [("memory", 16384 * 4, 5), ("L3", 4096, 40)] {
                 let stored = random_blocks(&mut rng, dtype, rows * bpr);
                 let weights = (interleaving.make)(stored.bytes(), bpr).unwrap();
-                for n in [1, 2, 3, 4, 8, 16, 64] {
+                for n in [1, 2, 3, 4, 8, 16, 64, 256] {
                     let xs = randn(&mut rng, n * cols);
                     let mut out = vec![0f32; n * rows];
                     let mut time = |kernels: &Kernels, w: &[u8]| {

@@ -353,25 +353,6 @@ pub struct Blocking {
     pub chunk_bytes: usize,
 }
 
-/// Where a panel GEMM's weight rows come from: a matrix as stored, or one laid out otherwise
-/// whose rows are made back (into `scratch`) as they are packed.
-pub trait WeightRows<B>: Sync {
-    /// Row r's blocks.
-    fn row<'a>(&'a self, r: usize, scratch: &'a mut Vec<B>) -> &'a [B];
-}
-
-/// A matrix as stored: rows of `bpr` blocks back to back.
-pub struct Stored<'w, B> {
-    pub w: &'w [B],
-    pub bpr: usize,
-}
-
-impl<B: Sync> WeightRows<B> for Stored<'_, B> {
-    fn row<'a>(&'a self, r: usize, _: &'a mut Vec<B>) -> &'a [B] {
-        &self.w[r * self.bpr..(r + 1) * self.bpr]
-    }
-}
-
 /// `out[i * rows + r] = dot(row r of w, row i of x)` for the `n` rows of `x` (`cols` values
 /// each); `w`'s rows have `bpr` blocks.
 ///
@@ -381,7 +362,7 @@ impl<B: Sync> WeightRows<B> for Stored<'_, B> {
 /// `call_a` rows).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<K: Kind<V>, const V: usize, const L: usize>(
-    w: &impl WeightRows<K::Block>,
+    w: &[K::Block],
     bpr: usize,
     x: &[f32],
     cols: usize,
@@ -407,8 +388,8 @@ pub fn gemm<K: Kind<V>, const V: usize, const L: usize>(
     // K in even chunks of at most `chunk_bytes` per call's activations.
     let chunks = (np * call_a * size_of::<Panel<V, L>>()).div_ceil(chunk_bytes);
     let kc = np.div_ceil(chunks);
-    let scratch = <(Vec<Panel<V, L>>, Vec<f32>, Vec<K::Block>)>::default;
-    tiles_par(out, tile_rows, scratch, |(wp, sums, blocks), tile| {
+    let scratch = <(Vec<Panel<V, L>>, Vec<f32>)>::default;
+    tiles_par(out, tile_rows, scratch, |(wp, sums), tile| {
         let rows = tile.rows();
         wp.resize(rows.len() * np, Panel::ZERO);
         // The tile's outputs, `(n, rows)`, written out a whole row at a time at the end: one
@@ -416,7 +397,7 @@ pub fn gemm<K: Kind<V>, const V: usize, const L: usize>(
         sums.clear();
         sums.resize(n * rows.len(), 0.0);
         for (p, r) in wp.chunks_mut(np).zip(rows.clone()) {
-            pack_weights(w.row(r, blocks), p);
+            pack_weights(&w[r * bpr..][..bpr], p);
         }
         let mut res = [0f32; MAX_CALL_ROWS * MAX_CALL_ROWS];
         for i0 in (0..n).step_by(call_a) {

@@ -456,15 +456,11 @@ unsafe fn gemm<T: WeightType, L: LevelKernels<T>>(
 pub(crate) trait Interleaved16:
     InterleavedBlock<Stored: WeightType<Act = BlockQ8K>>
 {
-    /// `out[p][r] = dot(row r of the group w, ys[p])`, 1 to 4 activation rows.
+    /// `out[p][r] = dot(row r of the group w, ys[p])`, 1 to 8 activation rows.
     ///
     /// # Safety
     /// The CPU has the avx512vnni level.
     unsafe fn dot(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; interleaved::ROWS]]);
-
-    /// The stored type's panels, fed rows made back from the interleaved blocks, and from how
-    /// many activation rows on they beat [`dot`](Self::dot).
-    const PANELS: Option<Panels<Self>> = None;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -481,20 +477,6 @@ impl Interleaved16 for BlockQ6Kx16 {
         // SAFETY: the caller guarantees the features.
         unsafe { super::x86::avx512_x16::dot_q6k_x16(w, ys, out) }
     }
-    /// At 64 rows the panels take 1.19-1.31 ns per weight block and row, this type's kernel
-    /// 1.39-1.64; at 16, 1.65-1.85 against 1.59-1.85.
-    const PANELS: Option<Panels<Self>> = Some(Panels {
-        min_rows: 32,
-        run: |w, bpr, x, cols, n, out| {
-            let rows = interleaved::RowsOf { w, bpr };
-            // SAFETY: the caller guarantees the features.
-            unsafe {
-                super::x86::avx512_gemm::gemm_rows::<super::panel::Q6K, 4>(
-                    &rows, bpr, x, cols, n, out,
-                )
-            }
-        },
-    });
 }
 
 /// The avx512vnni entry for `X`'s interleaved matrices: one kernel for every number of
@@ -508,10 +490,7 @@ pub(crate) const fn interleaving<X: Interleaved16>() -> Interleaving {
             tensor_type: X::Stored::TYPE,
             level: CpuLevel::Avx512Vnni,
             #[cfg(test)]
-            packed_min_rows: match X::PANELS {
-                Some(panels) => panels.min_rows,
-                None => usize::MAX,
-            },
+            packed_min_rows: usize::MAX,
             align: align_of::<X>(),
             layout: Layout::Interleaved {
                 rows: interleaved::ROWS,
@@ -552,15 +531,9 @@ unsafe fn x16_gemm<X: Interleaved16>(
     out: &SharedOut,
 ) -> Result<()> {
     let w = cast_slice::<X>(weights, "weights")?;
-    match X::PANELS {
-        // SAFETY: the caller guarantees the features.
-        Some(panels) if n >= panels.min_rows => unsafe { (panels.run)(w, bpr, x, cols, n, out) },
-        _ => {
-            let y = X::Stored::quantize_rows(x, cols);
-            // SAFETY: as above.
-            unsafe { super::x86::avx512_x16::gemm(w, bpr, &y, n, out, X::dot) };
-        }
-    }
+    let y = X::Stored::quantize_rows(x, cols);
+    // SAFETY: the caller guarantees the features.
+    unsafe { super::x86::avx512_x16::gemm(w, bpr, &y, n, out, X::dot) };
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::hsum_ps;
 use super::pack::PackWeights;
-use crate::kernels::panel::{self, Blocking, Kind, Stored};
+use crate::kernels::panel::{self, Blocking, Kind};
 use crate::kernels::tiling::SharedOut;
 
 /// A panel of 8 scale groups, one per 32-bit lane of a 256-bit vector.
@@ -69,7 +69,7 @@ pub unsafe fn gemm<K: PackWeights<V>, const V: usize>(
         (1, 1),
     );
     panel::gemm::<K, V, 8>(
-        &Stored { w, bpr },
+        w,
         bpr,
         x,
         cols,

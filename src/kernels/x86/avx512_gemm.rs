@@ -15,9 +15,7 @@ use half::f16;
 
 use super::pack::PackWeights;
 use crate::kernels::blocks::*;
-use crate::kernels::panel::{
-    self, clear_tail, lane, put_groups, Blocking, Kind, Stored, WeightRows,
-};
+use crate::kernels::panel::{self, clear_tail, lane, put_groups, Blocking, Kind};
 use crate::kernels::tiling::SharedOut;
 
 /// A panel of 16 scale groups, one per 32-bit lane of a 512-bit vector.
@@ -232,22 +230,6 @@ const _: () = assert!(
 /// The CPU must have AVX2 and AVX-512 F, BW, VL and VNNI (the avx512vnni level).
 pub unsafe fn gemm<K: Acts<V>, const V: usize>(
     w: &[K::Block],
-    bpr: usize,
-    x: &[f32],
-    cols: usize,
-    n: usize,
-    out: &SharedOut,
-) {
-    // SAFETY: the caller guarantees the features.
-    unsafe { gemm_rows::<K, V>(&Stored { w, bpr }, bpr, x, cols, n, out) }
-}
-
-/// [`gemm`] of weight rows from `w` (rows of `bpr` blocks).
-///
-/// # Safety
-/// As [`gemm`].
-pub unsafe fn gemm_rows<K: Acts<V>, const V: usize>(
-    w: &impl WeightRows<K::Block>,
     bpr: usize,
     x: &[f32],
     cols: usize,

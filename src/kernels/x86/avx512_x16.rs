@@ -1,5 +1,5 @@
 //! AVX-512 VNNI kernels for interleaved K-quants ([`BlockQ4Kx16`], [`BlockQ6Kx16`]): 16 weight
-//! rows against one to [`GROUP`] activation rows, each i32 lane of a vector a weight row's own
+//! rows against one to [`X16_GROUP`] activation rows, each i32 lane of a vector a weight row's own
 //! sum.
 //!
 //! Per block, the work on the weights (unpacking values, the 16 rows' scales as floats, their
@@ -18,7 +18,7 @@ use super::avx512::load512;
 use super::{prefetch_bytes, rows};
 use crate::kernels::blocks::BlockQ8K;
 use crate::kernels::interleaved::{BlockQ4Kx16, BlockQ6Kx16, ROWS};
-use crate::kernels::tiling::{tiles_par, SharedOut, GROUP, TILE_ROWS};
+use crate::kernels::tiling::{tiles_par, SharedOut, TILE_ROWS};
 
 /// How far ahead of the quant bytes in hand the weights are asked for, a cache line with each
 /// line loaded: the hardware prefetchers stop at 4 KiB pages. Against the row-wise kernels, ns
@@ -31,7 +31,14 @@ const PREFETCH: usize = 4096;
 /// widest input (8192 values) are 290 KiB of Q8_K blocks, which stay in L2 beside the tile.
 const ACT_ROWS: usize = 32;
 
-const _: () = assert!(TILE_ROWS.is_multiple_of(ROWS) && ACT_ROWS.is_multiple_of(GROUP));
+/// Activation rows per call of a group kernel: each unpacks a block's weights once for all its
+/// rows. Q6_K's unpacking (about 300 vector operations a block) made 4 rows cost 1.43-1.57 ns
+/// per weight block and row, 8 rows 1.18-1.34 (Q4_K: the same at 4 and 8); so Q6_K takes its
+/// own kernel at every row count, where it took the stored layout's panels from 32 rows
+/// (1.46-1.91 ns at 64 rows fed from interleaved rows, against 1.18-1.24 now).
+const X16_GROUP: usize = 8;
+
+const _: () = assert!(TILE_ROWS.is_multiple_of(ROWS) && ACT_ROWS.is_multiple_of(X16_GROUP));
 
 /// A kernel for one group of 16 interleaved rows: `out[p][r] = dot(row r, ys[p])`.
 pub type GroupDot<B> = unsafe fn(&[B], &[&[BlockQ8K]], &mut [[f32; ROWS]]);
@@ -59,14 +66,14 @@ pub unsafe fn gemm<B: Sync>(
             for (a, acts) in ys.chunks(ACT_ROWS).enumerate() {
                 for first in tile.rows().step_by(ROWS) {
                     let group = &w[first / ROWS * bpr..][..bpr];
-                    for (c, chunk) in acts.chunks(GROUP).enumerate() {
-                        let mut res = [[0f32; ROWS]; GROUP];
+                    for (c, chunk) in acts.chunks(X16_GROUP).enumerate() {
+                        let mut res = [[0f32; ROWS]; X16_GROUP];
                         let res = &mut res[..chunk.len()];
                         // SAFETY: the caller guarantees the features.
                         unsafe { dot(group, chunk, res) };
                         for (p, values) in res.iter().enumerate() {
                             for (r, &v) in values.iter().enumerate() {
-                                tile.set(a * ACT_ROWS + c * GROUP + p, first + r, v);
+                                tile.set(a * ACT_ROWS + c * X16_GROUP + p, first + r, v);
                             }
                         }
                     }
@@ -76,16 +83,16 @@ pub unsafe fn gemm<B: Sync>(
     );
 }
 
-/// `out[p][r] = dot(row r of the group w, ys[p])`, for the rows of `ys` (1 to [`GROUP`]).
+/// `out[p][r] = dot(row r of the group w, ys[p])`, for the rows of `ys` (1 to [`X16_GROUP`]).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub fn dot_q4k_x16(w: &[BlockQ4Kx16], ys: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-    by_rows!(q4k, w, ys, out)
+    by_rows!(up_to_8 q4k, w, ys, out)
 }
 
 /// As [`dot_q4k_x16`], for Q6_K.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub fn dot_q6k_x16(w: &[BlockQ6Kx16], ys: &[&[BlockQ8K]], out: &mut [[f32; ROWS]]) {
-    by_rows!(q6k, w, ys, out)
+    by_rows!(up_to_8 q6k, w, ys, out)
 }
 
 /// Four activation values from `qs[at..]`, in every i32 lane.

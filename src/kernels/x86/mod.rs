@@ -16,6 +16,17 @@ macro_rules! by_rows {
             r => panic!("{r} activation rows: 1 to 4 expected"),
         }
     };
+    // Up to eight rows: for kernels whose work on the weights costs more than four rows'
+    // share of the rest.
+    (up_to_8 $kernel:ident, $w:expr, $ys:expr, $out:expr) => {
+        match $ys.len() {
+            5 => $kernel::<5>($w, $ys, $out),
+            6 => $kernel::<6>($w, $ys, $out),
+            7 => $kernel::<7>($w, $ys, $out),
+            8 => $kernel::<8>($w, $ys, $out),
+            _ => by_rows!($kernel, $w, $ys, $out),
+        }
+    };
 }
 const _: () = assert!(
     crate::kernels::tiling::GROUP == 4,
