@@ -11,9 +11,10 @@ prefix pool serves), phi3's `Chat`, phi3 with the pool off (what every turn cost
 llama.cpp's `create_chat_completion` (which keeps the last prompt's cache).
 
 Streams: N threads stream 64 tokens each from different ~20-token prompts, at once; the table
-gives the tokens per second of all of them together, with phi3's batching (`max_batch=8`) and
-without it (`max_batch=1`: one stream at a time), and llama.cpp with one `Llama` per thread
-(a `Llama` serves one call at a time).
+gives the tokens per second of all of them together (the median of `--rounds` rounds, each
+round every stream count in turn, so that a noisy host weighs on every count alike), with
+phi3's batching (`max_batch=8`) and without it (`max_batch=1`: one stream at a time), and
+llama.cpp with one `Llama` per thread (a `Llama` serves one call at a time).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -114,11 +116,20 @@ def concurrent(n: int, run_one: Any) -> float:
     return sum(counts) / (time.perf_counter() - t0)
 
 
+def in_rounds(counts: list[int], rounds: int, run_one: Any) -> list[float]:
+    """The median over `rounds` of [`concurrent`] at each count, the counts in turn each round."""
+    results: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(rounds):
+        for n in counts:
+            results[n].append(concurrent(n, run_one))
+    return [statistics.median(results[n]) for n in counts]
+
+
 def stream_prompt(i: int) -> str:
     return f"Write a short story about the {WORDS[i % len(WORDS)]} and the {WORDS[(3 * i + 1) % len(WORDS)]}."
 
 
-def phi3_streams(model: str, threads: int, counts: list[int], max_batch: int, mapped: bool) -> list[float]:
+def phi3_streams(model: str, threads: int, counts: list[int], rounds: int, max_batch: int, mapped: bool) -> list[float]:
     from phi3 import Phi3
 
     m = Phi3(model, threads=threads, max_batch=max_batch, cache_bytes=0, mapped_weights=mapped)
@@ -130,10 +141,10 @@ def phi3_streams(model: str, threads: int, counts: list[int], max_batch: int, ma
         return stream.stats.generated_tokens
 
     one(0)
-    return [concurrent(n, one) for n in counts]
+    return in_rounds(counts, rounds, one)
 
 
-def llamacpp_streams(model: str, threads: int, counts: list[int]) -> list[float]:
+def llamacpp_streams(model: str, threads: int, counts: list[int], rounds: int) -> list[float]:
     from llama_cpp import Llama
 
     llms = [
@@ -150,7 +161,7 @@ def llamacpp_streams(model: str, threads: int, counts: list[int]) -> list[float]
         return int(out["usage"]["completion_tokens"])  # type: ignore[index]
 
     one(0)
-    return [concurrent(n, one) for n in counts]
+    return in_rounds(counts, rounds, one)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,12 +169,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.engine == "llamacpp":
         return {
             "chat_ttft_s": llamacpp_chat(args.model, args.threads),
-            "streams_tok_s": llamacpp_streams(args.model, args.threads, counts),
+            "streams_tok_s": llamacpp_streams(args.model, args.threads, counts, args.rounds),
         }
     if args.engine == "phi3-streams":
         return {
-            "batched_tok_s": phi3_streams(args.model, args.threads, counts, 8, args.mapped_weights),
-            "one_at_a_time_tok_s": phi3_streams(args.model, args.threads, counts, 1, args.mapped_weights),
+            "batched_tok_s": phi3_streams(args.model, args.threads, counts, args.rounds, 8, args.mapped_weights),
+            "one_at_a_time_tok_s": phi3_streams(args.model, args.threads, counts, args.rounds, 1, args.mapped_weights),
         }
     mode = args.engine.removeprefix("phi3-")
     return {"chat_ttft_s": phi3_chat(args.model, args.threads, mode, args.mapped_weights)}
@@ -171,6 +182,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def child(engine: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, args.model, "--threads", str(args.threads), "--streams", args.streams]
+    cmd += ["--rounds", str(args.rounds)]
     cmd += ["--mapped-weights"] if args.mapped_weights else []
     r = subprocess.run([*cmd, "--engine", engine], capture_output=True, text=True)
     if r.returncode != 0:
@@ -183,6 +195,7 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--streams", default="1,2,4,8", help="comma-separated stream counts")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the stream counts (the median is reported)")
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--mapped-weights", action="store_true", help="phi3: leave the weights in the file's memory map")
     p.add_argument("--engine", help="(internal) measure one engine in this process")
@@ -205,7 +218,7 @@ def main() -> None:
             cells.append(f"{chats['messages'][turn] / llama['chat_ttft_s'][turn]:.2f}x")
         print(f"| {turn + 1} | " + " | ".join(cells) + " |")
     counts = args.streams.split(",")
-    print(f"\nConcurrent streams, tokens/s of all together, {args.threads} threads:\n")
+    print(f"\nConcurrent streams, tokens/s of all together (median of {args.rounds}), {args.threads} threads:\n")
     print("| streams | phi3 batched | phi3 one at a time" + (" | llama.cpp | phi3 / llama.cpp |" if llama else " |"))
     print("|---" * (5 if llama else 3) + "|")
     for i, n in enumerate(counts):

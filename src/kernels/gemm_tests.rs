@@ -206,7 +206,7 @@ fn gemm_exact_when_the_arithmetic_is() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx512_quantizers_match_gemvs() {
-    use super::x86::avx512_gemm::{quantize_q8_0_block, quantize_q8k_block};
+    use super::x86::avx512_gemm::{quantize_q8_0_block, quantize_q8k_block, quantize_q8k_row};
     if hardware_level() < CpuLevel::Avx512Vnni {
         return;
     }
@@ -244,6 +244,13 @@ fn avx512_quantizers_match_gemvs() {
     blocks.push(b);
     blocks.push(vec![0.0; QK_K]);
     blocks.push(vec![f32::NAN; QK_K]);
+    let row = blocks.concat();
+    // SAFETY: the CPU has AVX-512 (checked above).
+    let got = unsafe { quantize_q8k_row(&row) };
+    for (got, want) in got.iter().zip(quantize_q8k(&row)) {
+        assert_eq!(got.d.to_bits(), want.d.to_bits());
+        assert_eq!((got.qs, got.bsums), (want.qs, want.bsums));
+    }
     for x in &blocks {
         let want = &quantize_q8k(x)[0];
         let mut q = [0u8; QK_K];

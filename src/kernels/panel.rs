@@ -420,7 +420,7 @@ pub fn gemm<K: Kind<V>, const V: usize, const L: usize>(
             }
         }
         for (i, row) in sums.chunks_exact(rows.len()).enumerate() {
-            tile.set_row(i, row);
+            tile.set_run(i, rows.start, row);
         }
     });
 }

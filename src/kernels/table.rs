@@ -531,8 +531,11 @@ unsafe fn x16_gemm<X: Interleaved16>(
     out: &SharedOut,
 ) -> Result<()> {
     let w = cast_slice::<X>(weights, "weights")?;
-    let y = X::Stored::quantize_rows(x, cols);
-    // SAFETY: the caller guarantees the features.
+    let y = quantized_rows(x, cols, |x| {
+        // SAFETY: the caller guarantees the features.
+        unsafe { super::x86::avx512_gemm::quantize_q8k_row(x) }
+    });
+    // SAFETY: as above.
     unsafe { super::x86::avx512_x16::gemm(w, bpr, &y, n, out, X::dot) };
     Ok(())
 }

@@ -46,7 +46,7 @@ pub(crate) struct SharedOut<'a> {
     _out: PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: the only writes through `ptr` are `Tile::set` and `Tile::set_row`, and the tiles alive
+// SAFETY: the only writes through `ptr` are `Tile::set` and `Tile::set_run`, and the tiles alive
 // at once cover disjoint weight rows (`tiles_par`), so no element is written by two threads.
 unsafe impl Sync for SharedOut<'_> {}
 
@@ -83,14 +83,16 @@ impl Tile<'_> {
         unsafe { *self.out.ptr.add(i * self.out.rows + r) = v }
     }
 
-    /// `out[i * rows + r] = values[r - start]` for every row `r` of this tile (`start..`).
+    /// `out[i * rows + r] = values[r - first]` for the rows `r` from `first` on, as many as
+    /// `values` holds, all in this tile.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn set_row(&mut self, i: usize, values: &[f32]) {
-        assert!(i < self.out.n && values.len() == self.rows.len());
-        // SAFETY: as in `set`, for each of the tile's rows; `values` is not part of `out`, which
+    pub(crate) fn set_run(&mut self, i: usize, first: usize, values: &[f32]) {
+        assert!(i < self.out.n);
+        assert!(self.rows.start <= first && first + values.len() <= self.rows.end);
+        // SAFETY: as in `set`, for each of the rows; `values` is not part of `out`, which
         // `SharedOut` borrows mutably.
         unsafe {
-            let at = self.out.ptr.add(i * self.out.rows + self.rows.start);
+            let at = self.out.ptr.add(i * self.out.rows + first);
             std::ptr::copy_nonoverlapping(values.as_ptr(), at, values.len());
         }
     }

@@ -103,6 +103,23 @@ pub fn quantize_q8k_block(x: &[f32], q: &mut [u8; QK_K]) -> f32 {
     1.0 / iscale
 }
 
+/// [`quantize_q8k`] on a row, bit for bit, sub-block sums included: the interleaved kernels'
+/// activations (the reference, a scalar loop, took 2.5 % of a 512-token prefill).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub fn quantize_q8k_row(x: &[f32]) -> Vec<BlockQ8K> {
+    let block = |x: &[f32]| {
+        let mut q = [0u8; QK_K];
+        let d = quantize_q8k_block(x, &mut q);
+        let qs = q.map(|q| q as i8);
+        let mut bsums = [0i16; QK_K / 16];
+        for (s, qs) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+            *s = qs.iter().map(|&q| i16::from(q)).sum();
+        }
+        BlockQ8K { d, qs, bsums }
+    };
+    x.chunks_exact(QK_K).map(block).collect()
+}
+
 /// [`quantize_q8_0`] on one block of 32 values, bit for bit: the values into `q`, returns `d`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]

@@ -72,9 +72,7 @@ pub unsafe fn gemm<B: Sync>(
                         // SAFETY: the caller guarantees the features.
                         unsafe { dot(group, chunk, res) };
                         for (p, values) in res.iter().enumerate() {
-                            for (r, &v) in values.iter().enumerate() {
-                                tile.set(a * ACT_ROWS + c * X16_GROUP + p, first + r, v);
-                            }
+                            tile.set_run(a * ACT_ROWS + c * X16_GROUP + p, first, values);
                         }
                     }
                 }
