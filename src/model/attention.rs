@@ -127,38 +127,10 @@ pub fn attend_chunk(
     stride: usize,
     out: &mut [f32],
 ) {
-    let seq = q.len() / stride;
-    let block = query_block(seq, shape.kv_heads, rayon::current_num_threads());
-    attend_in_blocks(shape, cache, layer, start, q, stride, out, block);
-}
-
-/// Query positions per task: a task converts the keys and values its positions see, so the
-/// fewer blocks a head's positions make, the less is converted again (turn 8 of a chat, 160
-/// positions over 1,600 cached: blocks of 64 spent a fifth of attention's time converting).
-/// Enough blocks that every thread has four tasks to balance with (later positions see more
-/// keys).
-fn query_block(seq: usize, kv_heads: usize, threads: usize) -> usize {
-    let blocks_per_head = (4 * threads).div_ceil(kv_heads.max(1));
-    seq.div_ceil(blocks_per_head)
-        .next_multiple_of(TILE_ROWS)
-        .max(TILE_ROWS)
-}
-
-/// [`attend_chunk`] in tasks of `block` positions.
-#[allow(clippy::too_many_arguments)]
-fn attend_in_blocks(
-    shape: &AttentionShape,
-    cache: &KvCache,
-    layer: usize,
-    start: usize,
-    q: &[f32],
-    stride: usize,
-    out: &mut [f32],
-    block: usize,
-) {
     let (d, heads, kv_heads) = (shape.head_dim, shape.heads, shape.kv_heads);
     let seq = q.len() / stride;
     assert_eq!(out.len(), seq * heads * d);
+    let block = query_block(seq, kv_heads, rayon::current_num_threads());
     let blocks = seq.div_ceil(block);
     let tasks: Vec<(usize, usize)> = (0..kv_heads)
         .flat_map(|h| (0..blocks).map(move |b| (h, b)))
@@ -188,6 +160,18 @@ fn attend_in_blocks(
             out[(s * heads + h * group) * d..][..group * d].copy_from_slice(row);
         }
     }
+}
+
+/// Query positions per task of [`attend_chunk`]: a task converts the keys and values its
+/// positions see, so the fewer blocks a head's positions make, the less is converted again
+/// (turn 8 of a chat, 160 positions over 1,600 cached: blocks of 64 spent a fifth of
+/// attention's time converting). Enough blocks that every thread has four tasks to balance with
+/// (later positions see more keys).
+fn query_block(seq: usize, kv_heads: usize, threads: usize) -> usize {
+    let blocks_per_head = (4 * threads).div_ceil(kv_heads.max(1));
+    seq.div_ceil(blocks_per_head)
+        .next_multiple_of(TILE_ROWS)
+        .max(TILE_ROWS)
 }
 
 /// A task's buffers, kept across the tasks a thread runs.
@@ -326,7 +310,14 @@ mod tests {
     #[test]
     fn a_chunk_attends_as_its_positions_one_by_one() {
         let mut rng = StdRng::seed_from_u64(21);
-        let blocks = [8, 64, 16, 1000];
+        let pools: Vec<rayon::ThreadPool> = [16, 1, 5]
+            .map(|n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .unwrap()
+            })
+            .into();
         for (case, (heads, kv_heads, head_dim, window, cached, seq)) in [
             (4, 4, 96, None, 0, 70),
             (6, 2, 128, None, 37, 41),
@@ -370,8 +361,9 @@ mod tests {
                 cache.write(0, &qkv, stride, q_width, q_width + kv_width);
 
                 let mut chunk = vec![f32::NAN; seq * q_width];
-                let block = blocks[case % blocks.len()];
-                attend_in_blocks(&shape, &cache, 0, cached, &qkv, stride, &mut chunk, block);
+                // The threads choose the query blocks: the more threads, the more blocks a head.
+                pools[case % pools.len()]
+                    .install(|| attend_chunk(&shape, &cache, 0, cached, &qkv, stride, &mut chunk));
                 let mut one = vec![f32::NAN; q_width];
                 for (s, got) in chunk.chunks_exact(q_width).enumerate() {
                     let q = &qkv[s * stride..][..q_width];
