@@ -51,10 +51,11 @@ fn score_tile_at(
         // SAFETY: the level is at most the hardware's (asserted), which has AVX-512 F and VL.
         return unsafe { score_tile_avx512(queries, keys_t, padded, keys, scores) };
     }
-    // Two halves: 8 rows of 16-key accumulators would not fit AVX2's 16 registers.
+    // Two halves of one key block a step: 8 rows of 16-key accumulators would not fit AVX2's
+    // 16 registers.
     for half in 0..2 {
         let rows: [&[f32]; 4] = std::array::from_fn(|r| queries[4 * half + r]);
-        score_rows(
+        score_rows::<4, 1>(
             &rows,
             keys_t,
             padded,
@@ -73,11 +74,14 @@ fn score_tile_avx512(
     keys: std::ops::Range<usize>,
     scores: &mut [f32],
 ) {
-    score_rows(queries, keys_t, padded, keys, scores)
+    // Two key blocks a step: each query value broadcast serves 32 keys (16 of the 32
+    // registers hold the sums).
+    score_rows::<TILE_ROWS, 2>(queries, keys_t, padded, keys, scores)
 }
 
+/// The scores of `R` query rows, `B` blocks of keys a step, then the blocks left one by one.
 #[inline(always)]
-fn score_rows<const R: usize>(
+fn score_rows<const R: usize, const B: usize>(
     queries: &[&[f32]; R],
     keys_t: &[f32],
     padded: usize,
@@ -86,13 +90,12 @@ fn score_rows<const R: usize>(
 ) {
     let first = keys.start / KEY_LANES * KEY_LANES;
     let blocks = (keys.end - first).div_ceil(KEY_LANES);
-    // Two blocks of keys a step: each query value broadcast serves 32 keys.
-    let pairs_end = first + blocks / 2 * 2 * KEY_LANES;
-    for j in (first..pairs_end).step_by(2 * KEY_LANES) {
-        score_blocks::<R, 2>(queries, keys_t, padded, j, scores);
+    let steps_end = first + blocks / B * B * KEY_LANES;
+    for j in (first..steps_end).step_by(B * KEY_LANES) {
+        score_blocks::<R, B>(queries, keys_t, padded, j, scores);
     }
-    if blocks % 2 == 1 {
-        score_blocks::<R, 1>(queries, keys_t, padded, pairs_end, scores);
+    for j in (steps_end..first + blocks * KEY_LANES).step_by(KEY_LANES) {
+        score_blocks::<R, 1>(queries, keys_t, padded, j, scores);
     }
 }
 
