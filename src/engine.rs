@@ -100,8 +100,8 @@ impl Engine {
             Some(source) => ChatTemplate::new(source, &bos, &eos)?,
             None => ChatTemplate::phi3_default(&bos, &eos),
         };
-        // Matrices the kernels run faster on interleaved (Q4_K, Q6_K at avx512vnni) are copied so at
-        // load; the rest stay in the file's memory map, faulted in by the first prompt: a plain
+        // Matrices the kernels run faster on interleaved (Q4_K, Q6_K at avx512vnni) are copied
+        // so at load; the rest stay in the file's memory map, faulted in by the first prompt: a plain
         // copy (on huge pages) measured no faster per token on Phi-3-mini, and populating the
         // map, here or on a thread of its own, no faster to the first token. Loaded on the
         // calling thread, so what is copied (norms, RoPE tables, weights of types without a

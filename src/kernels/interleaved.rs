@@ -288,8 +288,8 @@ mod tests {
 
     /// The interleaved entries of the kernel table: every row count against the scalar entry on
     /// the stored matrix, each activation row the same bit for bit in a batch as alone (so a
-    /// stream's tokens do not depend on its company), the embedding lookup the stored one's bit for bit, and shapes they cannot
-    /// take refused.
+    /// stream's tokens do not depend on its company), the embedding lookup the stored one's bit
+    /// for bit, and shapes they cannot take refused.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn interleaved_entries_match_the_stored_ones() {

@@ -4,9 +4,8 @@
 //! memory map: loading copies nothing, and the pages are shared with the page cache. Where the
 //! level's kernels run faster on another layout (Q4_K and Q6_K at avx512vnni: 16 rows
 //! interleaved), the matrix is copied into it at load and its pages of the map are let go.
-//! Other types
-//! (Q2_K, Q3_K, Q5_0, BF16, ...), and every type on other CPUs, are copied into candle's
-//! quantized storage and multiplied by candle.
+//! Other types (Q2_K, Q3_K, Q5_0, BF16, ...), and every type on other CPUs, are copied into
+//! candle's quantized storage and multiplied by candle.
 
 use std::borrow::Cow;
 use std::ops::Range;

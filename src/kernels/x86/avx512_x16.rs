@@ -1,6 +1,6 @@
 //! AVX-512 VNNI kernels for interleaved K-quants ([`BlockQ4Kx16`], [`BlockQ6Kx16`]): 16 weight
-//! rows against one to [`X16_GROUP`] activation rows, each i32 lane of a vector a weight row's own
-//! sum.
+//! rows against one to [`X16_GROUP`] activation rows, each i32 lane of a vector a weight row's
+//! own sum.
 //!
 //! Per block, the work on the weights (unpacking values, the 16 rows' scales as floats, their
 //! mins or scales as i16 pairs) is done once for every activation row; per activation row it is
